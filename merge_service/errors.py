@@ -1,0 +1,72 @@
+"""Exceptions raised by the library: one type per user-facing failure.
+
+`InvalidInputError` and its subclasses are the user's to fix (CLI exit code 1); everything else
+derived from `MergeServiceError` is a runtime failure (exit code 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a job: where it is and what was expected."""
+
+    message: str
+    model: str | None = None  # the source (or "base", "output", "method") the problem is about
+    tensor: str | None = None
+    field: str | None = None  # dotted path into the spec, e.g. "method.params.density"
+
+    def __str__(self) -> str:
+        where = [part for part in (self.field, self.model, self.tensor) if part]
+        return f"{' / '.join(where)}: {self.message}" if where else self.message
+
+    def to_dict(self) -> dict[str, str | None]:
+        return asdict(self)
+
+
+class MergeServiceError(Exception):
+    """Base class of every error the library raises on purpose."""
+
+
+class InvalidInputError(MergeServiceError):
+    """The spec or its inputs are wrong; nothing was written."""
+
+    def __init__(self, problems: list[Problem] | Problem | str) -> None:
+        if isinstance(problems, str):
+            problems = Problem(problems)
+        if isinstance(problems, Problem):
+            problems = [problems]
+        self.problems: list[Problem] = list(problems)
+        super().__init__(self._summary())
+
+    def _summary(self) -> str:
+        if len(self.problems) == 1:
+            return str(self.problems[0])
+        lines = [f"{len(self.problems)} problems:"] + [f"  - {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+class SpecError(InvalidInputError):
+    """The job spec does not parse or does not match the schema."""
+
+
+class PreflightError(InvalidInputError):
+    """The spec parses but its inputs, method or output cannot work together."""
+
+
+class CorruptTensorError(InvalidInputError):
+    """A tensor read during the merge holds NaN/Inf or could not be decoded."""
+
+
+class SourceNotFoundError(InvalidInputError):
+    """A source (local directory or Hub repo) does not exist or cannot be reached."""
+
+
+class MergeCancelled(MergeServiceError):
+    """The cancel check returned true; the merge stopped and left no output."""
+
+
+class MergeRuntimeError(MergeServiceError):
+    """The merge failed for a reason that is not the input's fault (I/O, device, numerics)."""

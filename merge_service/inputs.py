@@ -1,0 +1,58 @@
+"""Task inputs: where the task vector `τ_t` of one tensor comes from.
+
+A full checkpoint gives `τ_t = θ_t − θ0`; a LoRA adapter gives `ΔW_t = s_t B_t A_t` for the
+modules it adapts and `θ_t − θ0` for the other tensors it carries (`modules_to_save`, biases).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from merge_service.errors import CorruptTensorError, Problem
+from merge_service.sources.checkpoint import Checkpoint
+from merge_service.sources.lora import LoraAdapter
+from merge_service.sources.resolve import ResolvedSource
+
+
+@dataclass
+class TaskInput:
+    name: str  # task name
+    source: ResolvedSource
+    weight: float
+    model: Checkpoint | LoraAdapter
+
+    @property
+    def is_lora(self) -> bool:
+        return isinstance(self.model, LoraAdapter)
+
+    def touches(self, tensor: str) -> bool:
+        if isinstance(self.model, LoraAdapter):
+            return tensor in self.model.modules or tensor in self.model.extras
+        return tensor in self.model.tensors
+
+    def task_vector(self, tensor: str, base: torch.Tensor) -> torch.Tensor | None:
+        """`τ_t` of `tensor` in `base`'s dtype and device, or None where this task is zero."""
+        if isinstance(self.model, LoraAdapter):
+            if tensor in self.model.modules:
+                a, b, scale = self.model.factors(tensor)
+                a = self._checked(a.to(base.device, base.dtype), tensor)
+                b = self._checked(b.to(base.device, base.dtype), tensor)
+                return (b * scale) @ a
+            if tensor not in self.model.extras:
+                return None
+            value = self.model.extra(tensor)
+        else:
+            value = self.model.get(tensor)
+        value = self._checked(value.to(base.device, base.dtype), tensor)
+        return value.sub_(base)
+
+    def _checked(self, value: torch.Tensor, tensor: str) -> torch.Tensor:
+        if not bool(torch.isfinite(value).all()):
+            raise CorruptTensorError(Problem("contains NaN or Inf values", model=self.name,
+                                             tensor=tensor))
+        return value
+
+    def close(self) -> None:
+        self.model.close()

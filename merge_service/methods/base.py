@@ -1,0 +1,106 @@
+"""What a merge method is: typed parameters plus a pure function from task vectors to a delta.
+
+Every method works on one tensor (or one LoRA module) at a time. It receives the task vectors
+`τ_t = θ_t − θ0` of that tensor, already on the compute device in the compute dtype, with the
+per-model weights `w_t` beside them, and returns the merged delta `Δ` (so `θ = θ0 + Δ`).
+Methods whose output is an artifact rather than a merged model (`tsv_compress`) return the
+tensors to store instead (`TensorResult.artifact`).
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+# METHODS.md section 0: names of 2-D tensors that are never treated as matrices by SVD methods.
+DEFAULT_SVD_EXCLUDE: tuple[str, ...] = (
+    "embed_tokens", "word_embeddings", "position_embeddings", "token_type_embeddings",
+    "wte", "wpe", "lm_head", "embed_out",
+)
+
+
+class MethodParams(BaseModel):
+    """Base of every method's parameter model: unknown parameters are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SvdParams(MethodParams):
+    """Parameters shared by the methods that treat 2-D tensors as matrices."""
+
+    svd_exclude: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_SVD_EXCLUDE),
+        description="regexes (substrings) of 2-D tensor names handled by the non-matrix rule",
+    )
+
+
+@dataclass
+class TensorTask:
+    """The inputs of one merge step: one tensor (or LoRA module) of every task model."""
+
+    name: str
+    task_vectors: list[torch.Tensor]  # τ_t, same shape, compute dtype, compute device
+    weights: list[float]  # w_t
+    task_names: list[str] = field(default_factory=list)
+    seed: int = 0  # options.seed; methods with randomness derive their generators from it
+    is_2d: bool = False  # the tensor is 2-D (whether it counts as a matrix is the method's call)
+    diagnostics: dict[str, Any] = field(default_factory=dict)  # written to merge_report.json
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_vectors)
+
+    def weighted(self) -> list[torch.Tensor]:
+        """`X_t = w_t τ_t` (a weight of exactly 1 returns the tensor itself, no copy)."""
+        return [tv if w == 1.0 else tv * w for tv, w in zip(self.task_vectors, self.weights,
+                                                             strict=True)]
+
+
+@dataclass
+class TensorResult:
+    """What a method produced for one tensor: a delta, artifact tensors, or both.
+
+    Artifact keys are `"{task_index}::{part}"`; the engine stores them as
+    `"{tensor_name}::{task_index}::{part}"` and hands the parts of one task back to
+    `MergeMethod.reconstruct` on `revert`.
+    """
+
+    delta: torch.Tensor | None = None
+    artifact: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class MergeMethod(ABC):
+    """A merge method. Subclasses set `name`, `Params`, and implement `merge`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    # The output formats this method can produce (DESIGN.md section 2).
+    output_formats: ClassVar[frozenset[str]] = frozenset({"full"})
+    # False for methods that produce only an artifact (no merged delta).
+    produces_delta: ClassVar[bool] = True
+
+    def __init__(self, params: MethodParams) -> None:
+        self.params = params
+
+    def is_matrix(self, task: TensorTask) -> bool:
+        """METHODS.md section 0: 2-D and not svd-excluded (options.exclude never reaches here)."""
+        if not task.is_2d:
+            return False
+        patterns: Sequence[str] = getattr(self.params, "svd_exclude", ())
+        return not any(re.search(p, task.name) for p in patterns)
+
+    @abstractmethod
+    def merge(self, task: TensorTask) -> TensorResult:
+        """Merge one tensor."""
+
+    @classmethod
+    def reconstruct(cls, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Artifact methods: one task's delta of one tensor from its stored parts."""
+        raise NotImplementedError(f"{cls.name} writes no artifact")

@@ -1,0 +1,197 @@
+"""Preflight: every check of DESIGN.md section 2 that can run before any heavy work.
+
+Each check returns problems instead of raising, so that the user sees all of them at once.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from merge_service.errors import Problem
+from merge_service.inputs import TaskInput
+from merge_service.methods import MergeMethod
+from merge_service.sources.checkpoint import Checkpoint
+from merge_service.sources.lora import LoraAdapter
+from merge_service.sources.resolve import ResolvedSource
+from merge_service.spec import JobSpec
+
+# Spaces implemented for LoRA inputs. `auto` resolves to `core` (DESIGN.md section 2).
+IMPLEMENTED_SPACES = {"full"}
+
+
+def resolve_device(requested: str) -> tuple[torch.device | None, list[Problem]]:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu"), []
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return None, [Problem("CUDA was requested but is not available on this machine",
+                                  field="options.device")]
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return None, [Problem(f"{requested} requested but only {torch.cuda.device_count()} "
+                                  "CUDA devices are present", field="options.device")]
+    return device, []
+
+
+def effective_space(spec: JobSpec, is_lora: bool) -> str:
+    if not is_lora:
+        return "full"
+    return "core" if spec.space == "auto" else spec.space
+
+
+def input_kind_problems(inputs: list[TaskInput], spec: JobSpec) -> list[Problem]:
+    kinds = {i.is_lora for i in inputs}
+    if len(kinds) > 1:
+        listing = ", ".join(f"{i.name} ({'LoRA adapter' if i.is_lora else 'full checkpoint'})"
+                            for i in inputs)
+        return [Problem(f"the task models must be all full checkpoints or all LoRA adapters, "
+                        f"got {listing}", field="models")]
+    is_lora = kinds == {True}
+    if not is_lora and spec.space not in {"auto", "full"}:
+        return [Problem(f"space {spec.space!r} applies to LoRA adapters only; the inputs are "
+                        "full checkpoints (use auto or full)", field="space")]
+    space = effective_space(spec, is_lora)
+    if is_lora and space not in IMPLEMENTED_SPACES:
+        return [Problem(f"space {space!r} is not available in this version (available: "
+                        f"{', '.join(sorted(IMPLEMENTED_SPACES))})"
+                        + ("; auto means core for LoRA inputs" if spec.space == "auto" else ""),
+                        field="space")]
+    return []
+
+
+def full_checkpoint_problems(base: Checkpoint, task: TaskInput) -> list[Problem]:
+    """Same tensor names and shapes as the base; floating tensors where the base has them."""
+    model = task.model
+    assert isinstance(model, Checkpoint)
+    problems = []
+    for name, info in base.tensors.items():
+        other = model.tensors.get(name)
+        if other is None:
+            problems.append(Problem("missing (present in the base)", model=task.name, tensor=name))
+        elif other.shape != info.shape:
+            problems.append(Problem(f"shape {list(other.shape)}, expected {list(info.shape)} "
+                                    "as in the base", model=task.name, tensor=name))
+        elif info.is_float and not other.is_float:
+            problems.append(Problem(f"dtype {other.dtype}, expected a floating-point tensor",
+                                    model=task.name, tensor=name))
+    for name in model.tensors.keys() - base.tensors.keys():
+        problems.append(Problem("not in the base model", model=task.name, tensor=name))
+    return _capped(problems, task.name)
+
+
+def lora_adapter_problems(base: Checkpoint, base_identity: set[str], task: TaskInput
+                          ) -> list[Problem]:
+    """Adapter trained on this base: its name, and every target present with the right shape."""
+    adapter = task.model
+    assert isinstance(adapter, LoraAdapter)
+    problems = []
+    trained_on = adapter.base_model_name
+    if trained_on and not _same_base(trained_on, base_identity):
+        problems.append(Problem(f"adapter was trained on {trained_on!r}, but the base is "
+                                f"{sorted(base_identity)[0]!r}", model=task.name))
+    for target, module in adapter.modules.items():
+        info = base.tensors.get(target)
+        if info is None:
+            problems.append(Problem(f"LoRA target module {module.module} has no weight in the "
+                                    "base", model=task.name, tensor=target))
+        elif info.shape != (module.out_features, module.in_features):
+            problems.append(Problem(
+                f"LoRA update has shape {[module.out_features, module.in_features]}, the base "
+                f"weight has {list(info.shape)}", model=task.name, tensor=target))
+    for target, key in adapter.extras.items():
+        info = base.tensors.get(target)
+        stored = adapter.tensors[key]
+        if info is None:
+            problems.append(Problem(f"adapter tensor {key} has no counterpart in the base",
+                                    model=task.name, tensor=target))
+        elif info.shape != stored.shape:
+            problems.append(Problem(f"shape {list(stored.shape)}, the base has "
+                                    f"{list(info.shape)}", model=task.name, tensor=target))
+    return _capped(problems, task.name)
+
+
+def weight_problems(spec: JobSpec, method: MergeMethod | None) -> list[Problem]:
+    problems = [Problem(f"weight must be a finite number, got {m.weight}",
+                        field=f"models.{i}.weight")
+                for i, m in enumerate(spec.models) if not math.isfinite(m.weight)]
+    if method is not None and method.name in {"average", "cart"} and not problems \
+            and sum(m.weight for m in spec.models) == 0:
+        problems.append(Problem(f"{method.name} divides by the sum of the weights, which is 0",
+                                field="models"))
+    return problems
+
+
+def output_problems(spec: JobSpec, method: MergeMethod | None, is_lora: bool) -> list[Problem]:
+    fmt = spec.output.format
+    problems = []
+    if method is not None and fmt not in method.output_formats:
+        allowed = ", ".join(sorted(method.output_formats))
+        problems.append(Problem(f"method {method.name} cannot produce format {fmt!r} "
+                                f"(it produces: {allowed})", field="output.format"))
+    if fmt == "lora" and not is_lora:
+        problems.append(Problem("format 'lora' needs LoRA adapters as inputs; the inputs are "
+                                "full checkpoints", field="output.format"))
+    if spec.output.destination is None:
+        problems.append(Problem("no destination: set output.destination or pass --out",
+                                field="output.destination"))
+    elif spec.output.destination.startswith("hub://"):
+        problems.append(Problem("Hub destinations (hub://) are pushed by the service; this "
+                                "version of the library writes local directories only",
+                                field="output.destination"))
+    if spec.calibration and (method is None or method.name != "adarank"):
+        problems.append(Problem("calibration data is only used by methods that need data "
+                                "(adarank)", field="calibration"))
+    return problems
+
+
+def selection_problems(spec: JobSpec, names: list[str]) -> list[Problem]:
+    """An include/exclude that selects nothing is almost always a typo."""
+    problems = []
+    for key in ("include", "exclude"):
+        for pattern in getattr(spec.options, key):
+            if not any(re.search(pattern, n) for n in names):
+                problems.append(Problem(f"regex {pattern!r} matches no tensor of the base",
+                                        field=f"options.{key}"))
+    return problems
+
+
+def base_identity(source: ResolvedSource) -> set[str]:
+    """Names an adapter's `base_model_name_or_path` may use for this base."""
+    names = {source.source.split("@", 1)[0], str(source.path)}
+    if source.repo_id:
+        names.add(source.repo_id)
+    config = source.path / "config.json"
+    if config.is_file():
+        import json
+
+        try:
+            name_or_path = json.loads(config.read_text()).get("_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            name_or_path = None
+        if isinstance(name_or_path, str) and name_or_path:
+            names.add(name_or_path)
+    return names
+
+
+def _same_base(trained_on: str, identity: set[str]) -> bool:
+    """Same repo id, same path, or the same repo name (a local copy of `org/name`)."""
+    if trained_on in identity:
+        return True
+    try:
+        if str(Path(trained_on).expanduser().resolve()) in identity:
+            return True
+    except (OSError, RuntimeError):
+        pass
+    leaf = trained_on.rstrip("/").rsplit("/", 1)[-1]
+    return any(n.rstrip("/").rsplit("/", 1)[-1] == leaf for n in identity)
+
+
+def _capped(problems: list[Problem], label: str, limit: int = 20) -> list[Problem]:
+    if len(problems) <= limit:
+        return problems
+    return [*problems[:limit], Problem(f"... and {len(problems) - limit} more problems",
+                                       model=label)]

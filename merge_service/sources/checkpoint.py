@@ -1,0 +1,164 @@
+"""Full checkpoints on disk: a single `model.safetensors` or shards with an index.
+
+Only headers are read up front; tensors are read one at a time when asked for (`safe_open`).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from merge_service.errors import Problem
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit
+
+
+class SafetensorsFileError(Exception):
+    """A safetensors file that cannot be read; the message says why."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.is_floating_point
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and check a safetensors header: dtypes known, offsets inside the file, no gaps.
+
+    Catches truncated or corrupt files before any tensor is read.
+    """
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise SafetensorsFileError("file is shorter than a safetensors header")
+            (length,) = struct.unpack("<Q", head)
+            if length > _MAX_HEADER or 8 + length > size:
+                raise SafetensorsFileError("header length is beyond the end of the file")
+            header = json.loads(f.read(length))
+    except OSError as exc:
+        raise SafetensorsFileError(f"cannot read: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise SafetensorsFileError("header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise SafetensorsFileError("header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_size = size - 8 - length
+    infos: dict[str, TensorInfo] = {}
+    end_max = 0
+    for name, entry in header.items():
+        try:
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise SafetensorsFileError(f"tensor {name!r} has a malformed header entry") from None
+        info = TensorInfo(path, dtype, shape)
+        if end - begin != info.numel * dtype.itemsize or begin < 0:
+            raise SafetensorsFileError(f"tensor {name!r}: data size does not match its shape")
+        end_max = max(end_max, end)
+        infos[name] = info
+    if end_max > data_size:
+        raise SafetensorsFileError(
+            f"truncated: tensors need {end_max} bytes of data, the file has {data_size}")
+    return infos
+
+
+class Checkpoint:
+    """A model directory with safetensors weights, read lazily."""
+
+    def __init__(self, directory: Path, tensors: dict[str, TensorInfo]) -> None:
+        self.directory = directory
+        self.tensors = tensors
+        self._handles: dict[Path, object] = {}
+
+    @classmethod
+    def open(cls, directory: Path, label: str, prefix: str = "model"
+             ) -> tuple[Checkpoint | None, list[Problem]]:
+        """Read every header of the checkpoint; return it, or the problems that prevent it."""
+        index = directory / f"{prefix}.safetensors.index.json"
+        single = directory / f"{prefix}.safetensors"
+        files: list[Path]
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                files = sorted({directory / f for f in weight_map.values()})
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                return None, [Problem(f"{index.name} is not a valid index "
+                                      "(expected a 'weight_map' object)", model=label)]
+        elif single.is_file():
+            weight_map, files = None, [single]
+        else:
+            others = sorted(p.name for p in directory.glob("*") if p.suffix in {".bin", ".pt"})
+            hint = f" (found {', '.join(others)}: only safetensors weights are supported)" \
+                if others else ""
+            return None, [Problem(f"no {single.name} or {index.name} in {directory}{hint}",
+                                  model=label)]
+        tensors: dict[str, TensorInfo] = {}
+        problems: list[Problem] = []
+        for file in files:
+            if not file.is_file():
+                problems.append(Problem(f"shard {file.name} listed in the index is missing",
+                                        model=label))
+                continue
+            try:
+                tensors.update(read_safetensors_header(file))
+            except SafetensorsFileError as exc:
+                problems.append(Problem(f"{file.name}: {exc}", model=label))
+        if weight_map is not None and not problems:
+            for name, fname in weight_map.items():
+                info = tensors.get(name)
+                if info is None or info.file.name != fname:
+                    problems.append(Problem(f"index maps it to {fname}, which does not hold it",
+                                            model=label, tensor=name))
+        if problems:
+            return None, problems
+        return cls(directory, tensors), []
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.tensors[name]
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = safe_open(str(info.file), framework="pt")
+            self._handles[info.file] = handle
+        return handle.get_tensor(name)  # type: ignore[attr-defined]
+
+    def floating_dtype(self) -> torch.dtype:
+        """The dtype of most floating-point parameters (the model's dtype)."""
+        counts: dict[torch.dtype, int] = {}
+        for info in self.tensors.values():
+            if info.is_float:
+                counts[info.dtype] = counts.get(info.dtype, 0) + info.numel
+        return max(counts, key=counts.__getitem__) if counts else torch.float32
+
+    def nbytes(self) -> int:
+        return sum(i.numel * i.dtype.itemsize for i in self.tensors.values())
+
+    def close(self) -> None:
+        self._handles.clear()

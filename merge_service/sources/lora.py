@@ -1,0 +1,231 @@
+"""PEFT LoRA adapter directories (`adapter_config.json` + `adapter_model.safetensors`).
+
+For every LoRA module the adapter gives factors `(A, B, s)` oriented so that the update of
+the base tensor *as stored* is `ΔW = s · B @ A` (METHODS.md section 0). `fan_in_fan_out`
+layers and embedding LoRA store the transpose; we swap and transpose the factors once here so
+that nothing downstream needs to know.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from merge_service.errors import Problem
+from merge_service.sources.checkpoint import (
+    SafetensorsFileError,
+    TensorInfo,
+    read_safetensors_header,
+)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+# `<module>.lora_A.weight`, optionally with the adapter name PEFT strips on save.
+_FACTOR = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
+_EMBED_FACTOR = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)"
+                           r"(?:\.[^.]+)?$")
+_UNSUPPORTED_PARTS = ("lora_magnitude_vector", "lora_E", "trainable_tokens", "ia3_", "vera_",
+                      "hra_", "oft_", "boft_")
+
+
+def is_adapter_dir(directory: Path) -> bool:
+    return (directory / ADAPTER_CONFIG).is_file()
+
+
+def pattern_value(patterns: dict[str, int | float], module: str, default: float) -> float:
+    """PEFT's rule: the first pattern `p` with `re.match(rf"(.*\\.)?({p})$", module)` wins."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One LoRA-adapted module, mapped onto a base tensor."""
+
+    module: str  # module path inside the adapted model, e.g. "encoder.layer.0.attention.self.query"
+    a_key: str
+    b_key: str
+    rank: int
+    alpha: float
+    scale: float  # s = alpha / r, or alpha / sqrt(r) with use_rslora
+    transposed: bool  # fan_in_fan_out or embedding LoRA: the stored ΔW is (B A)ᵀ
+    out_features: int  # rows of ΔW as stored in the base
+    in_features: int
+
+
+class LoraAdapter:
+    """A PEFT LoRA adapter, its modules keyed by the base tensor name they update."""
+
+    def __init__(self, directory: Path, config: dict, tensors: dict[str, TensorInfo],
+                 modules: dict[str, LoraModule], extras: dict[str, str]) -> None:
+        self.directory = directory
+        self.config = config
+        self.tensors = tensors
+        self.modules = modules  # base tensor name -> module
+        self.extras = extras  # base tensor name -> adapter key (modules_to_save, biases)
+        self._handle: object | None = None
+
+    @property
+    def base_model_name(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    @classmethod
+    def open(cls, directory: Path, label: str, base_names: set[str]
+             ) -> tuple[LoraAdapter | None, list[Problem]]:
+        """Read config and header, reject what we cannot merge, map modules onto the base."""
+        try:
+            config = json.loads((directory / ADAPTER_CONFIG).read_text())
+        except (OSError, ValueError) as exc:
+            return None, [Problem(f"{ADAPTER_CONFIG} is not valid JSON: {exc}", model=label)]
+        if not isinstance(config, dict):
+            return None, [Problem(f"{ADAPTER_CONFIG} is not a JSON object", model=label)]
+        problems = _config_problems(config, label)
+        weights = directory / ADAPTER_WEIGHTS
+        if not weights.is_file():
+            hint = " (adapter_model.bin is not supported: save with safe_serialization)" \
+                if (directory / "adapter_model.bin").is_file() else ""
+            problems.append(Problem(f"{ADAPTER_WEIGHTS} is missing{hint}", model=label))
+        if problems:
+            return None, problems
+        try:
+            tensors = read_safetensors_header(weights)
+        except SafetensorsFileError as exc:
+            return None, [Problem(f"{ADAPTER_WEIGHTS}: {exc}", model=label)]
+
+        factors: dict[str, dict[str, str]] = {}
+        plain: dict[str, str] = {}  # module-relative name -> key
+        for key in tensors:
+            rel = key.removeprefix(_PEFT_PREFIX)
+            if any(part in rel for part in _UNSUPPORTED_PARTS):
+                kind = "DoRA" if "lora_magnitude_vector" in rel else "this PEFT variant"
+                return None, [Problem(f"{kind} adapters are not supported (tensor {key})",
+                                      model=label)]
+            match = _FACTOR.match(rel) or _EMBED_FACTOR.match(rel)
+            if match:
+                factors.setdefault(match["module"], {})[match["kind"][-1]] = key
+            else:
+                plain[rel] = key
+
+        mapping = _module_to_base_mapping(
+            [f"{m}.weight" for m in factors] + list(plain), base_names)
+        modules: dict[str, LoraModule] = {}
+        for module, keys in sorted(factors.items()):
+            if set(keys) != {"A", "B"}:
+                problems.append(Problem(f"module {module} has only lora_{''.join(keys)}",
+                                        model=label))
+                continue
+            a_info, b_info = tensors[keys["A"]], tensors[keys["B"]]
+            embedding = "lora_embedding" in keys["A"]
+            module_problem = _factor_shape_problem(module, a_info, b_info, embedding, label)
+            if module_problem:
+                problems.append(module_problem)
+                continue
+            r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
+            rank = int(pattern_value(config.get("rank_pattern") or {}, module, r_default))
+            alpha = float(pattern_value(config.get("alpha_pattern") or {}, module, alpha_default))
+            stored_rank = a_info.shape[1] if embedding else a_info.shape[0]
+            if rank != stored_rank:
+                problems.append(Problem(f"config gives rank {rank} for module {module}, "
+                                        f"its lora_A has rank {stored_rank}", model=label))
+                continue
+            scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+            transposed = embedding or bool(config.get("fan_in_fan_out"))
+            if embedding:  # lora_embedding_A: (r, num_embeddings), lora_embedding_B: (dim, r)
+                out_f, in_f = a_info.shape[1], b_info.shape[0]
+            else:  # lora_A: (r, in), lora_B: (out, r); fan_in_fan_out stores W as (in, out)
+                out_f, in_f = b_info.shape[0], a_info.shape[1]
+                if transposed:
+                    out_f, in_f = in_f, out_f
+            target = mapping.get(f"{module}.weight", f"{module}.weight")
+            modules[target] = LoraModule(module, keys["A"], keys["B"], rank, alpha, scale,
+                                         transposed, out_f, in_f)
+        extras = {mapping.get(rel, rel): key for rel, key in plain.items()}
+        if problems:
+            return None, problems
+        return cls(directory, config, tensors, modules, extras), []
+
+    def _tensor(self, key: str) -> torch.Tensor:
+        if self._handle is None:
+            self._handle = safe_open(str(self.directory / ADAPTER_WEIGHTS), framework="pt")
+        return self._handle.get_tensor(key)  # type: ignore[attr-defined]
+
+    def factors(self, target: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A, B, s) with `ΔW = s · B @ A` in the base tensor's stored orientation."""
+        m = self.modules[target]
+        a, b = self._tensor(m.a_key), self._tensor(m.b_key)
+        if m.transposed:  # stored ΔW = (B A)ᵀ = Aᵀ Bᵀ
+            a, b = b.mT, a.mT
+        return a, b, m.scale
+
+    def extra(self, target: str) -> torch.Tensor:
+        return self._tensor(self.extras[target])
+
+    def close(self) -> None:
+        self._handle = None
+
+
+def _config_problems(config: dict, label: str) -> list[Problem]:
+    problems = []
+    peft_type = config.get("peft_type", "LORA")
+    if str(peft_type).upper() != "LORA":
+        problems.append(Problem(f"peft_type {peft_type} is not supported (only LORA)",
+                                model=label))
+    if config.get("use_dora"):
+        problems.append(Problem("DoRA adapters (use_dora: true) are not supported: their "
+                                "magnitude vectors make the update non-linear in B·A",
+                                model=label))
+    if config.get("layer_replication"):
+        problems.append(Problem("adapters with layer_replication are not supported", model=label))
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if value is not None and (not isinstance(value, int | float) or value <= 0):
+            problems.append(Problem(f"{key} must be a positive number, got {value!r}",
+                                    model=label))
+    return problems
+
+
+def _factor_shape_problem(module: str, a: TensorInfo, b: TensorInfo, embedding: bool,
+                          label: str) -> Problem | None:
+    if len(a.shape) != 2 or len(b.shape) != 2:
+        return Problem(f"module {module}: only LoRA on Linear/Conv1D/Embedding layers is "
+                       f"supported (lora_A has shape {list(a.shape)})", model=label)
+    inner_a = a.shape[1] if embedding else a.shape[0]
+    if inner_a != b.shape[1]:
+        return Problem(f"module {module}: lora_A {list(a.shape)} and lora_B {list(b.shape)} "
+                       "have different ranks", model=label)
+    if not (a.is_float and b.is_float):
+        return Problem(f"module {module}: LoRA factors must be floating point", model=label)
+    return None
+
+
+def _module_to_base_mapping(names: list[str], base_names: set[str]) -> dict[str, str]:
+    """Map adapter-relative tensor names to base tensor names.
+
+    Adapters are saved relative to the model class they were trained on
+    (`BertForSequenceClassification` has `bert.encoder...`, `BertModel` has `encoder...`), and the
+    base checkpoint may have been saved from another class. Find one prefix change that maps
+    the most names onto the base: strip a leading component, or add one.
+    """
+    if not names:
+        return {}
+
+    def score(fn) -> int:
+        return sum(fn(n) in base_names for n in names)
+
+    candidates = [lambda n: n]
+    firsts = {n.split(".", 1)[0] for n in names if "." in n}
+    for prefix in firsts:
+        candidates.append(lambda n, p=prefix: n.removeprefix(p + "."))
+    for prefix in {b.split(".", 1)[0] for b in base_names if "." in b}:
+        candidates.append(lambda n, p=prefix: f"{p}.{n}")
+    best = max(candidates, key=score)
+    return {n: best(n) for n in names}

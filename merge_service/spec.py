@@ -1,0 +1,171 @@
+"""The job spec (DESIGN.md section 2): one schema for YAML, JSON, the CLI and the REST API."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from merge_service.errors import Problem, SpecError
+
+OutputFormat = Literal["full", "lora", "reversible", "compressed"]
+OutputDtype = Literal["float32", "float16", "bfloat16"]
+Space = Literal["auto", "full", "core", "knots"]
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+def parse_size(value: str | int) -> int:
+    """'5GB' -> 5_000_000_000, '512MiB' -> 536_870_912, 1000 -> 1000."""
+    if isinstance(value, int):
+        size = value
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
+        if not match or match.group(2).upper() not in _SIZE_UNITS:
+            raise ValueError(f"not a size: {value!r} (expected e.g. 5GB, 500MB, 2GiB)")
+        size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+    if size <= 0:
+        raise ValueError("size must be positive")
+    return size
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelEntry(_Strict):
+    source: str = Field(min_length=1, description="Hub repo id[@revision] or local directory")
+    weight: float = Field(1.0, description="per-model coefficient w_t")
+    name: str | None = Field(None, description="task name (default: derived from source)")
+
+
+class MethodSpec(_Strict):
+    name: str = Field(description="a method from the catalog (`merge-service methods`)")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class OutputSpec(_Strict):
+    format: OutputFormat = "full"
+    destination: str | None = Field(None, description="local directory or hub://org/name")
+    dtype: OutputDtype | None = Field(None, description="default: the base model's dtype")
+    private: bool = True
+    create_pr: bool = False
+    shard_size: str | int = "5GB"
+
+    @field_validator("shard_size")
+    @classmethod
+    def _size(cls, value: str | int) -> str | int:
+        parse_size(value)
+        return value
+
+    @property
+    def shard_bytes(self) -> int:
+        return parse_size(self.shard_size)
+
+
+class Options(_Strict):
+    device: str = "auto"
+    include: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)
+    seed: int = 0
+    compute_dtype: Literal["float32", "float64"] = "float32"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError("expected auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _regexes(cls, values: list[str]) -> list[str]:
+        for pattern in values:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"bad regex {pattern!r}: {exc}") from None
+        return values
+
+
+class CalibrationSource(_Strict):
+    path: str
+    field: str = "text"
+    max_samples: int = Field(256, ge=1)
+
+
+class JobSpec(_Strict):
+    name: str | None = None
+    base: str = Field(min_length=1)
+    models: list[ModelEntry] = Field(min_length=2)
+    method: MethodSpec
+    space: Space = "auto"
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    options: Options = Field(default_factory=Options)
+    calibration: dict[str, CalibrationSource] | None = None
+
+    def task_names(self) -> list[str]:
+        """Each model's task name: its `name`, else the last part of its source, made unique."""
+        names: list[str] = []
+        for entry in self.models:
+            name = entry.name or derive_task_name(entry.source)
+            candidate, n = name, 2
+            while candidate in names:
+                candidate, n = f"{name}-{n}", n + 1
+            names.append(candidate)
+        return names
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def derive_task_name(source: str) -> str:
+    stem = source.split("@", 1)[0].rstrip("/")
+    return stem.rsplit("/", 1)[-1] or stem
+
+
+def spec_from_dict(data: Any) -> JobSpec:
+    """Validate a parsed document; every schema problem is reported at once."""
+    if not isinstance(data, dict):
+        raise SpecError(Problem("the spec must be a mapping (YAML or JSON object)"))
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError([_problem_from_pydantic(err) for err in exc.errors()]) from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read a YAML or JSON spec file (JSON is YAML, but a .json file gets JSON's error messages)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(Problem(f"spec file not found: {path}")) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(Problem(f"cannot read spec file {path}: {exc}")) from None
+    return parse_spec_text(text, json_only=path.suffix.lower() == ".json")
+
+
+def parse_spec_text(text: str, json_only: bool = False) -> JobSpec:
+    try:
+        data = json.loads(text) if json_only else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        kind = "JSON" if json_only else "YAML"
+        raise SpecError(Problem(f"the spec is not valid {kind}: {exc}")) from None
+    return spec_from_dict(data)
+
+
+def _problem_from_pydantic(err: Any) -> Problem:
+    location = ".".join(str(part) for part in err["loc"])
+    message = err["msg"]
+    if err["type"] == "extra_forbidden":
+        message = "unknown field"
+    elif err["type"] == "too_short" and location == "models":
+        message = "a merge needs at least 2 models"
+    return Problem(message, field=location or None)
