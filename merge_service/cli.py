@@ -1,0 +1,198 @@
+"""`merge-service`: the command line (DESIGN.md section 3). Exit codes: 0 ok, 1 invalid input,
+2 runtime failure. User errors print a message, never a traceback (set
+MERGE_SERVICE_DEBUG=1 to see one)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from merge_service.errors import InvalidInputError, MergeCancelled, MergeServiceError
+
+EXIT_OK, EXIT_INVALID, EXIT_FAILED = 0, 1, 2
+
+
+def _progress_bar(quiet: bool) -> tuple[Callable, Callable[[], None]]:
+    """A tqdm bar per stage on stderr; returns (callback, close)."""
+    from tqdm import tqdm
+
+    state: dict[str, object] = {"stage": None, "bar": None}
+
+    def close() -> None:
+        bar = state["bar"]
+        if bar is not None:
+            bar.close()  # type: ignore[attr-defined]
+            state["bar"] = None
+
+    def callback(p) -> None:
+        if quiet or p.stage not in {"merging", "reverting"}:
+            return
+        if state["stage"] != p.stage:
+            close()
+            state["stage"] = p.stage
+            # disable=None: no bar when stderr is not a terminal (logs, CI)
+            state["bar"] = tqdm(total=p.total, desc=p.stage, unit="tensor", file=sys.stderr,
+                                dynamic_ncols=True, leave=False, disable=None)
+        bar = state["bar"]
+        if p.current:
+            bar.set_postfix_str(p.current[-48:], refresh=False)  # type: ignore[attr-defined]
+        bar.update(p.done - bar.n)  # type: ignore[attr-defined]
+
+    return callback, close
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
+def _load(path: str, out: str | None):
+    from merge_service.spec import load_spec
+
+    spec = load_spec(path)
+    if out is not None:
+        spec = spec.model_copy(update={"output": spec.output.model_copy(
+            update={"destination": out})})
+    return spec
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from merge_service.engine import run_merge
+    from merge_service.settings import Settings
+
+    spec = _load(args.spec, args.out)
+    callback, close = _progress_bar(args.quiet)
+    try:
+        result = run_merge(spec, overwrite=args.overwrite, hub=Settings().hub, progress=callback)
+    finally:
+        close()
+    r = result.report
+    summary = r["summary"]
+    print(f"merged {len(r['models'])} models with {r['method']['name']} "
+          f"({r['space']} space) -> {result.destination}")
+    print(f"  tensors: {summary['merged']} merged, {summary['unchanged']} unchanged, "
+          f"{summary['copied']} copied from the base")
+    print(f"  output: {r['output']['format']}, {r['output']['dtype']}, "
+          f"{_human_bytes(r['output']['bytes'])} in {len(result.files)} files")
+    print(f"  time: {r['timings_s']['total_s']:.1f} s on {r['device']}; peak RSS "
+          f"{_human_bytes(r['peak_memory']['process_peak_rss_bytes'])}")
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from merge_service.engine import prepare
+    from merge_service.settings import Settings
+
+    spec = _load(args.spec, args.out)
+    prepared = prepare(spec, overwrite=args.overwrite, hub=Settings().hub)
+    try:
+        print(f"ok: {len(prepared.inputs)} models, method {prepared.method.name}, "
+              f"{prepared.space} space, device {prepared.device}")
+        print(f"  {len(prepared.merged)} tensors to merge, {len(prepared.copied)} copied "
+              f"from the base; output {spec.output.format} -> {prepared.destination}")
+    finally:
+        prepared.close()
+    return EXIT_OK
+
+
+def cmd_revert(args: argparse.Namespace) -> int:
+    from merge_service.revert import revert
+    from merge_service.settings import Settings
+
+    callback, close = _progress_bar(args.quiet)
+    try:
+        result = revert(Path(args.artifact), args.task, Path(args.out).resolve(),
+                        overwrite=args.overwrite, hub=Settings().hub, progress=callback)
+    finally:
+        close()
+    print(f"recovered task {args.task!r} -> {result.destination} "
+          f"({result.report['timings_s']['total_s']:.1f} s)")
+    return EXIT_OK
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from merge_service.methods import catalog
+
+    entries = catalog()
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return EXIT_OK
+    for entry in entries:
+        print(f"{entry['name']}  [{', '.join(entry['output_formats'])}]")
+        print(f"    {entry['summary']}")
+        for name, param in entry["params"].items():
+            desc = f"  {param['description']}" if param["description"] else ""
+            print(f"    {name} = {param['default']!r}{desc}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="merge-service", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    merge = sub.add_parser("merge", help="validate and run a job spec in this process")
+    merge.add_argument("spec", help="job spec (YAML or JSON)")
+    merge.add_argument("--out", help="destination directory (overrides output.destination)")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    merge.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    merge.set_defaults(func=cmd_merge)
+
+    validate = sub.add_parser("validate", help="preflight only: list every problem")
+    validate.add_argument("spec")
+    validate.add_argument("--out")
+    validate.add_argument("--overwrite", action="store_true")
+    validate.set_defaults(func=cmd_validate)
+
+    revert = sub.add_parser("revert", help="recover one task model from an artifact")
+    revert.add_argument("artifact", help="a compressed or reversible artifact directory")
+    revert.add_argument("--task", required=True, help="task name (see the artifact's tasks.json)")
+    revert.add_argument("--out", required=True, help="directory for the recovered model")
+    revert.add_argument("--overwrite", action="store_true")
+    revert.add_argument("-q", "--quiet", action="store_true")
+    revert.set_defaults(func=cmd_revert)
+
+    methods = sub.add_parser("methods", help="the method catalog with parameters and defaults")
+    methods.add_argument("--json", action="store_true")
+    methods.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = os.environ.get("MERGE_SERVICE_DEBUG") == "1"
+    try:
+        return args.func(args)
+    except InvalidInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except MergeCancelled as exc:
+        print(f"cancelled: {exc}; nothing was written", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return EXIT_FAILED
+    except MergeServiceError as exc:
+        print(f"failed: {exc}", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        return EXIT_FAILED
+    except Exception as exc:  # a bug or an environment failure: say so, keep the trace for debug
+        print(f"failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        else:
+            print("(set MERGE_SERVICE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
