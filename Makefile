@@ -1,0 +1,38 @@
+# The few commands people run. Everything installs into .venv (override with VENV=...).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup setup-test demo test lint bench clean
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+
+$(VENV)/.setup: $(VENV)/bin/python pyproject.toml scripts/install-torch.sh
+	scripts/install-torch.sh $(VENV)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.setup-test: $(VENV)/.setup
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.setup
+
+setup-test: $(VENV)/.setup-test
+
+## a real merge on embedded defaults: MiniLM task models merged with TSV through the CLI
+demo: setup-test
+	HF_HUB_OFFLINE=1 $(PY) examples/demo.py
+
+test: setup-test
+	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup-test
+	$(VENV)/bin/ruff check .
+
+bench: setup-test
+	$(PY) bench/run_merge_bench.py
+
+clean:
+	rm -rf .demo .pytest_cache .ruff_cache
