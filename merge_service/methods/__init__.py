@@ -12,6 +12,7 @@ from merge_service.errors import Problem
 from merge_service.methods.base import MergeMethod, MethodParams, TensorResult, TensorTask
 
 _REGISTRY: dict[str, type[MergeMethod]] = {}
+_loaded = False
 _NOT_METHOD_MODULES = {"base", "linalg"}
 
 
@@ -23,15 +24,13 @@ def register(cls: type[MergeMethod]) -> type[MergeMethod]:
     return cls
 
 
-def _load_all() -> None:
-    for module in pkgutil.iter_modules(__path__):
-        if module.name not in _NOT_METHOD_MODULES:
-            importlib.import_module(f"{__name__}.{module.name}")
-
-
 def available() -> dict[str, type[MergeMethod]]:
-    if not _REGISTRY:
-        _load_all()
+    global _loaded
+    if not _loaded:  # import every method module once; each registers itself
+        for module in pkgutil.iter_modules(__path__):
+            if module.name not in _NOT_METHOD_MODULES:
+                importlib.import_module(f"{__name__}.{module.name}")
+        _loaded = True
     return dict(sorted(_REGISTRY.items()))
 
 
@@ -62,10 +61,11 @@ def catalog() -> list[dict[str, Any]]:
     entries = []
     for name, cls in available().items():
         schema = cls.Params.model_json_schema()
+        fields = cls.Params.model_fields
         params = {
             key: {
                 "type": prop.get("type", prop.get("anyOf", "any")),
-                "default": prop.get("default"),
+                "default": fields[key].get_default(call_default_factory=True),
                 "description": prop.get("description", ""),
                 **{k: prop[k] for k in ("minimum", "maximum", "exclusiveMinimum",
                                         "exclusiveMaximum", "enum") if k in prop},

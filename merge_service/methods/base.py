@@ -45,7 +45,10 @@ class TensorTask:
     """The inputs of one merge step: one tensor (or LoRA module) of every task model."""
 
     name: str
-    task_vectors: list[torch.Tensor]  # τ_t, same shape, compute dtype, compute device
+    # τ_t, same shape, compute dtype, compute device. They belong to the method: it may
+    # overwrite them in place (the engine never reads them again), which keeps peak memory at
+    # one tensor per model instead of two.
+    task_vectors: list[torch.Tensor]
     weights: list[float]  # w_t
     task_names: list[str] = field(default_factory=list)
     seed: int = 0  # options.seed; methods with randomness derive their generators from it
