@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -23,7 +21,7 @@ def test_magnitude_trim_keeps_the_topk_set(seed: int, shape: tuple[int, ...],
                                            density: float) -> None:
     x = randn(generator(seed), *shape)  # continuous: no ties
     kept = magnitude_trim(x, density)
-    k = math.floor(density * x.numel())
+    k = fraction_floor(density, x.numel())  # floor of the decimal, not of the float product
     assert int((kept != 0).sum()) == k
     expected = torch.zeros(x.numel(), dtype=torch.bool)
     if k:
