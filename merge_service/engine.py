@@ -31,15 +31,19 @@ from merge_service.preflight import (
     output_problems,
     resolve_device,
     selection_problems,
+    space_problems,
     weight_problems,
 )
+from merge_service.sinks.hub import HubPush, hub_destination_problems, push_to_hub
 from merge_service.sinks.local import LocalDirectorySink, copy_model_files, destination_problems
 from merge_service.sinks.model_card import render_model_card
+from merge_service.sinks.peft_adapter import PeftAdapterWriter
 from merge_service.sinks.report import write_json
 from merge_service.sinks.safetensors_writer import ShardedSafetensorsWriter
 from merge_service.sources.checkpoint import Checkpoint
-from merge_service.sources.lora import LoraAdapter, is_adapter_dir
+from merge_service.sources.lora import LoraAdapter, LoraModule, is_adapter_dir
 from merge_service.sources.resolve import HubOptions, ResolvedSource, resolve_source
+from merge_service.spaces import CoreSpace, KnotsSpace, core_space, knots_space
 from merge_service.spec import JobSpec
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -48,7 +52,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 @dataclass(frozen=True)
 class Progress:
-    stage: str  # resolving | preflight | merging | finalizing
+    stage: str  # resolving | preflight | merging | finalizing | pushing (hub:// destinations)
     done: int
     total: int
     current: str | None = None
@@ -64,6 +68,8 @@ class MergeResult:
     files: list[str]
     report: dict[str, Any]
     spec: JobSpec  # resolved: sources pinned
+    url: str | None = None  # hub:// destinations: the commit (or pull request) URL
+    revision: str | None = None  # hub:// destinations: the commit sha
 
 
 @dataclass
@@ -77,6 +83,7 @@ class PreparedMerge:
     inputs: list[TaskInput]
     method: MergeMethod
     space: str
+    target_rank: int | None
     device: torch.device
     compute_dtype: torch.dtype
     output_dtype: torch.dtype
@@ -84,11 +91,14 @@ class PreparedMerge:
     merged: list[str]  # tensor names the method runs on
     copied: list[str]  # tensor names copied from the base
     timings: dict[str, float] = field(default_factory=dict)
+    push: HubPush | None = None  # hub:// destinations: `destination` is a staging directory
 
     def close(self) -> None:
         self.base.close()
         for task in self.inputs:
             task.close()
+        if self.push is not None:
+            self.push.cleanup()
 
 
 def prepare(spec: JobSpec, *, overwrite: bool = False, hub: HubOptions | None = None,
@@ -100,12 +110,19 @@ def prepare(spec: JobSpec, *, overwrite: bool = False, hub: HubOptions | None = 
     started = time.perf_counter()
     problems: list[Problem] = []
 
-    method, method_problems = build_method(spec.method.name, spec.method.params)
+    method_params = dict(spec.method.params)
+    target_rank = method_params.pop("target_rank", None)  # a parameter of the `lora` output
+    method, method_problems = build_method(spec.method.name, method_params)
     problems += method_problems
     device, device_problems = resolve_device(spec.options.device)
     problems += device_problems
     problems += weight_problems(spec, method)
-    if spec.output.destination and not spec.output.destination.startswith("hub://"):
+    push = None
+    if spec.output.destination and spec.output.destination.startswith("hub://"):
+        problems += hub_destination_problems(spec.output.destination, hub)
+        push = HubPush.plan(spec.output.destination, spec.output.private,
+                            spec.output.create_pr, hub)
+    elif spec.output.destination:
         problems += destination_problems(Path(spec.output.destination).expanduser(), overwrite)
 
     sources = [spec.base] + [m.source for m in spec.models]
@@ -116,6 +133,7 @@ def prepare(spec: JobSpec, *, overwrite: bool = False, hub: HubOptions | None = 
         found, source_problems = resolve_source(source, label, hub)
         resolved.append(found)
         problems += source_problems
+    report(Progress("resolving", len(sources), len(sources), None))
     resolve_s = time.perf_counter() - started
     report(Progress("preflight", 0, 1, None))
 
@@ -143,8 +161,10 @@ def prepare(spec: JobSpec, *, overwrite: bool = False, hub: HubOptions | None = 
             inputs.append(TaskInput(label, found, entry.weight, model))
 
     is_lora = bool(inputs) and all(i.is_lora for i in inputs)
+    space = effective_space(spec, is_lora)
     problems += input_kind_problems(inputs, spec)
     problems += output_problems(spec, method, is_lora)
+    problems += space_problems(spec, method, space, is_lora, target_rank)
     if base is not None and resolved[0] is not None:
         identity = base_identity(resolved[0])
         for task in inputs:
@@ -162,10 +182,11 @@ def prepare(spec: JobSpec, *, overwrite: bool = False, hub: HubOptions | None = 
     out_dtype = _DTYPES[spec.output.dtype] if spec.output.dtype else base.floating_dtype()
     prepared = PreparedMerge(
         spec=spec, resolved_spec=resolved_spec, base_source=resolved[0],  # type: ignore[arg-type]
-        base=base, inputs=inputs, method=method, space=effective_space(spec, is_lora),
+        base=base, inputs=inputs, method=method, space=space, target_rank=target_rank,
         device=device, compute_dtype=_DTYPES[spec.options.compute_dtype], output_dtype=out_dtype,
-        destination=Path(spec.output.destination).expanduser().resolve(),  # type: ignore[arg-type]
-        merged=merged, copied=copied,
+        destination=push.output_dir if push else
+        Path(spec.output.destination).expanduser().resolve(),  # type: ignore[arg-type]
+        merged=merged, copied=copied, push=push,
     )
     prepared.timings["resolve_s"] = resolve_s
     prepared.timings["preflight_s"] = time.perf_counter() - started - resolve_s
@@ -197,9 +218,12 @@ def execute(prepared: PreparedMerge, *, overwrite: bool = False,
     sink = LocalDirectorySink(p.destination, overwrite=overwrite)
     with sink as tmp:
         writer = ShardedSafetensorsWriter(tmp, "model", p.spec.output.shard_bytes) \
-            if p.method.produces_delta else None
+            if fmt == "full" else None
+        adapter = PeftAdapterWriter(tmp, p.inputs[0].model.config,  # type: ignore[union-attr]
+                                    _base_model_name(p)) if fmt == "lora" else None
         artifact = None if p.method.produces_delta else \
             ShardedSafetensorsWriter(tmp, fmt, p.spec.output.shard_bytes)
+        out = _Outputs(writer, adapter, artifact)
         order = sorted(p.merged + p.copied)
         merged = set(p.merged)
         total = len(order)
@@ -207,10 +231,13 @@ def execute(prepared: PreparedMerge, *, overwrite: bool = False,
             if cancelled():
                 raise MergeCancelled(f"cancelled after {done} of {total} tensors")
             report(Progress("merging", done, total, name))
-            if name in merged:
-                tensor_report[name] = _merge_tensor(p, name, writer, artifact)
-            elif writer is not None:
-                writer.add(name, _cast_output(p.base.get(name), p.output_dtype))
+            if name not in merged:
+                if writer is not None:
+                    writer.add(name, _cast_output(p.base.get(name), p.output_dtype))
+            elif p.space in {"core", "knots"} and _lora_only(p, name):
+                tensor_report[name] = _merge_lora_module(p, name, out)
+            else:
+                tensor_report[name] = _merge_tensor(p, name, out)
         report(Progress("merging", total, total, None))
         merge_s = time.perf_counter() - started
 
@@ -218,6 +245,8 @@ def execute(prepared: PreparedMerge, *, overwrite: bool = False,
         files = []
         if writer is not None:
             files += writer.finish()
+        if adapter is not None:
+            files += adapter.finish()
         if artifact is not None:
             files += artifact.finish()
             write_json(tmp / "tasks.json", {
@@ -231,7 +260,7 @@ def execute(prepared: PreparedMerge, *, overwrite: bool = False,
         timings = {**p.timings, "merge_s": merge_s,
                    "finalize_s": time.perf_counter() - started - merge_s}
         timings["total_s"] = sum(timings.values())
-        full_report = _report(p, tensor_report, timings, writer, artifact)
+        full_report = _report(p, tensor_report, timings, out)
         write_json(tmp / "merge_report.json", full_report)
         (tmp / "README.md").write_text(_model_card(p))
         files += ["merge_spec.yaml", "merge_report.json", "README.md"]
@@ -242,11 +271,48 @@ def execute(prepared: PreparedMerge, *, overwrite: bool = False,
         except OSError as exc:
             raise MergeRuntimeError(f"cannot move the output into place: {exc}") from exc
     report(Progress("finalizing", 1, 1, None))
-    return MergeResult(p.destination, sorted(files), full_report, p.resolved_spec)
+    result = MergeResult(p.destination, sorted(files), full_report, p.resolved_spec)
+    if p.push is not None:
+        if cancelled():
+            raise MergeCancelled("cancelled before pushing")
+        report(Progress("pushing", 0, 1, p.push.repo_id))
+        commit = push_to_hub(p.destination, p.push, *_commit_message(p))
+        report(Progress("pushing", 1, 1, None))
+        result.url, result.revision = commit.url, commit.revision
+    return result
 
 
-def _merge_tensor(p: PreparedMerge, name: str, writer: ShardedSafetensorsWriter | None,
-                  artifact: ShardedSafetensorsWriter | None) -> dict[str, Any]:
+def _commit_message(p: PreparedMerge) -> tuple[str, str]:
+    """Title and description of the Hub commit: the method and every input, pinned."""
+    title = f"merge-service: {p.method.name} merge of {len(p.inputs)} models"
+    lines = [f"base: {p.resolved_spec.base}"] + [
+        f"- {t.name}: {t.source.pinned} (weight {t.weight:g})" for t in p.inputs]
+    return title, "\n".join(lines)
+
+
+@dataclass
+class _Outputs:
+    """Where merged tensors go: a full model, a PEFT adapter, and/or an artifact."""
+
+    model: ShardedSafetensorsWriter | None
+    adapter: PeftAdapterWriter | None
+    artifact: ShardedSafetensorsWriter | None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(w.total_bytes for w in (self.model, self.adapter, self.artifact) if w)
+
+    def add_merged(self, p: PreparedMerge, name: str, value: torch.Tensor) -> None:
+        """A merged full tensor `θ0 + Δ` (not a LoRA module)."""
+        if self.model is not None:
+            self.model.add(name, _cast_output(value, p.output_dtype))
+        if self.adapter is not None:  # modules_to_save, biases: stored whole, under their key
+            key = next(t.model.extras[name] for t in p.inputs  # type: ignore[union-attr]
+                       if name in t.model.extras)  # type: ignore[union-attr]
+            self.adapter.add_tensor(key, _cast_output(value, p.output_dtype))
+
+
+def _merge_tensor(p: PreparedMerge, name: str, out: _Outputs) -> dict[str, Any]:
     base = p.base.get(name).to(p.device, p.compute_dtype)
     vectors, weights, names = [], [], []
     for task in p.inputs:
@@ -256,22 +322,72 @@ def _merge_tensor(p: PreparedMerge, name: str, writer: ShardedSafetensorsWriter 
         names.append(task.name)
     if all(v is None or not bool(v.any()) for v in vectors):
         # METHODS.md section 0: a tensor whose deltas are all zero is copied.
-        if writer is not None:
-            writer.add(name, _cast_output(p.base.get(name), p.output_dtype))
+        out.add_merged(p, name, p.base.get(name))
         return {"action": "unchanged"}
     vectors = [torch.zeros_like(base) if v is None else v for v in vectors]
+    # LoRA inputs in core/knots space: the tensors they carry besides LoRA modules follow the
+    # method's non-matrix rule (METHODS.md section 10). A weight that one adapter adapts with
+    # LoRA and another carries whole has no core form: it is merged as in full space.
+    is_2d = base.dim() == 2 and (p.space not in {"core", "knots"}
+                                 or _lora_module(p, name) is not None)
     task = TensorTask(name=name, task_vectors=vectors, weights=weights, task_names=names,
-                      seed=p.spec.options.seed, is_2d=base.dim() == 2)
+                      seed=p.spec.options.seed, is_2d=is_2d)
     result = p.method.merge(task)
     del vectors, task.task_vectors
-    if writer is not None:
+    if p.method.produces_delta:
         if result.delta is None:
             raise MergeRuntimeError(f"method {p.method.name} returned no delta for {name}")
-        writer.add(name, _cast_output(base.add_(result.delta), p.output_dtype))
-    if artifact is not None:
+        out.add_merged(p, name, base.add_(result.delta))
+    if out.artifact is not None:
         for key, value in result.artifact.items():
-            artifact.add(f"{name}::{key}", _cast_output(value, p.output_dtype))
+            out.artifact.add(f"{name}::{key}", _cast_output(value, p.output_dtype))
     return {"action": "merged", **task.diagnostics}
+
+
+def _lora_module(p: PreparedMerge, name: str) -> LoraModule | None:
+    """The LoRA module that adapts `name` in the first adapter that has one."""
+    for task in p.inputs:
+        module = getattr(task.model, "modules", {}).get(name)
+        if module is not None:
+            return module
+    return None
+
+
+def _lora_only(p: PreparedMerge, name: str) -> bool:
+    """Some adapter adapts `name` with LoRA and none carries it whole."""
+    return _lora_module(p, name) is not None and not any(
+        name in getattr(task.model, "extras", {}) for task in p.inputs)
+
+
+def _merge_lora_module(p: PreparedMerge, name: str, out: _Outputs) -> dict[str, Any]:
+    """One LoRA module in `core` or `knots` space: the method runs on small matrices."""
+    like = torch.empty(0, device=p.device, dtype=p.compute_dtype)
+    factors = [task.lora_factors(name, like) for task in p.inputs]
+    in_features = p.base.tensors[name].shape[1]
+    space: CoreSpace | KnotsSpace = core_space(factors) if p.space == "core" \
+        else knots_space(factors, in_features)
+    small = space.cores if isinstance(space, CoreSpace) else space.blocks
+    # weights are folded into the factors: the rule sees w_t = 1 (METHODS.md section 10)
+    task = TensorTask(name=name, task_vectors=small, weights=[1.0] * len(small),
+                      task_names=[t.name for t in p.inputs], seed=p.spec.options.seed,
+                      is_2d=True)
+    merged = p.method.merge(task).delta
+    if merged is None:
+        raise MergeRuntimeError(f"method {p.method.name} returned no delta for {name}")
+    info: dict[str, Any] = {"action": "merged", "space_shape": list(small[0].shape),
+                            **task.diagnostics}
+    if out.adapter is not None:
+        assert isinstance(space, CoreSpace)
+        a, b = space.to_lora(merged, p.target_rank)
+        module = _lora_module(p, name)
+        assert module is not None
+        out.adapter.add_module(module, _cast_output(a, p.output_dtype),
+                               _cast_output(b, p.output_dtype))
+        info["rank"] = a.shape[0]
+    if out.model is not None:
+        base = p.base.get(name).to(p.device, p.compute_dtype)
+        out.model.add(name, _cast_output(base.add_(space.to_full(merged)), p.output_dtype))
+    return info
 
 
 def _cast_output(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -306,9 +422,9 @@ def _peak_memory(device: torch.device) -> dict[str, int]:
 
 
 def _report(p: PreparedMerge, tensors: dict[str, dict[str, Any]], timings: dict[str, float],
-            writer: ShardedSafetensorsWriter | None,
-            artifact: ShardedSafetensorsWriter | None) -> dict[str, Any]:
-    out_bytes = (writer.total_bytes if writer else 0) + (artifact.total_bytes if artifact else 0)
+            out: _Outputs) -> dict[str, Any]:
+    out_bytes = out.total_bytes
+    artifact = out.artifact
     report: dict[str, Any] = {
         "merge_service_version": __version__,
         "method": {"name": p.method.name, "params": p.method.params.model_dump(mode="json")},
@@ -339,12 +455,16 @@ def _report(p: PreparedMerge, tensors: dict[str, dict[str, Any]], timings: dict[
     return report
 
 
+def _base_model_name(p: PreparedMerge) -> str:
+    """The base as a model card or an adapter config names it: repo id, or local path."""
+    return p.base_source.repo_id or str(p.base_source.path)
+
+
 def _model_card(p: PreparedMerge) -> str:
     relation = "adapter" if p.spec.output.format == "lora" else "merge"
     return render_model_card(
         title=p.spec.name or f"{p.method.name} merge",
-        base_model=p.resolved_spec.base.split("@", 1)[0] if p.base_source.repo_id
-        else p.resolved_spec.base,
+        base_model=_base_model_name(p),
         relation=relation, method=p.method.name,
         params=p.method.params.model_dump(mode="json"),
         inputs=[{"name": t.name, "source": t.source.pinned, "weight": t.weight}

@@ -70,3 +70,7 @@ class MergeCancelled(MergeServiceError):
 
 class MergeRuntimeError(MergeServiceError):
     """The merge failed for a reason that is not the input's fault (I/O, device, numerics)."""
+
+
+class HubPushError(MergeRuntimeError):
+    """The merged output could not be pushed to its Hub destination; the repo is unchanged."""

@@ -48,6 +48,17 @@ class TaskInput:
         value = self._checked(value.to(base.device, base.dtype), tensor)
         return value.sub_(base)
 
+    def lora_factors(self, tensor: str, like: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`(A_t, w_t s_t B_t)` of a LoRA module, in `like`'s dtype and device; None where this
+        adapter does not adapt `tensor`."""
+        if not isinstance(self.model, LoraAdapter) or tensor not in self.model.modules:
+            return None
+        a, b, scale = self.model.factors(tensor)
+        a = self._checked(a.to(like.device, like.dtype), tensor)
+        b = self._checked(b.to(like.device, like.dtype), tensor)
+        return a, b * (self.weight * scale)
+
     def _checked(self, value: torch.Tensor, tensor: str) -> torch.Tensor:
         if not bool(torch.isfinite(value).all()):
             raise CorruptTensorError(Problem("contains NaN or Inf values", model=self.name,

@@ -19,9 +19,6 @@ from merge_service.sources.lora import LoraAdapter
 from merge_service.sources.resolve import ResolvedSource
 from merge_service.spec import JobSpec
 
-# Spaces implemented for LoRA inputs. `auto` resolves to `core` (DESIGN.md section 2).
-IMPLEMENTED_SPACES = {"full"}
-
 
 def resolve_device(requested: str) -> tuple[torch.device | None, list[Problem]]:
     if requested == "auto":
@@ -54,13 +51,32 @@ def input_kind_problems(inputs: list[TaskInput], spec: JobSpec) -> list[Problem]
     if not is_lora and spec.space not in {"auto", "full"}:
         return [Problem(f"space {spec.space!r} applies to LoRA adapters only; the inputs are "
                         "full checkpoints (use auto or full)", field="space")]
-    space = effective_space(spec, is_lora)
-    if is_lora and space not in IMPLEMENTED_SPACES:
-        return [Problem(f"space {space!r} is not available in this version (available: "
-                        f"{', '.join(sorted(IMPLEMENTED_SPACES))})"
-                        + ("; auto means core for LoRA inputs" if spec.space == "auto" else ""),
-                        field="space")]
     return []
+
+
+def space_problems(spec: JobSpec, method: MergeMethod | None, space: str, is_lora: bool,
+                   target_rank: object) -> list[Problem]:
+    """The method runs in the space; `lora` output and `target_rank` come from `core` only."""
+    problems = []
+    if is_lora and method is not None and space not in method.spaces:
+        problems.append(Problem(
+            f"method {method.name} does not run in {space!r} space (it runs in: "
+            f"{', '.join(sorted(method.spaces))})"
+            + ("; auto means core for LoRA inputs" if spec.space == "auto" else ""),
+            field="space"))
+    if spec.output.format == "lora" and is_lora and space != "core":
+        problems.append(Problem(f"format 'lora' is written from core space, not {space!r}",
+                                field="space"))
+    if target_rank is not None:
+        if spec.output.format != "lora":
+            problems.append(Problem("target_rank truncates the 'lora' output; the output "
+                                    f"format is {spec.output.format!r}",
+                                    field="method.params.target_rank"))
+        elif isinstance(target_rank, bool) or not isinstance(target_rank, int) \
+                or target_rank < 1:
+            problems.append(Problem(f"target_rank must be a positive integer, got "
+                                    f"{target_rank!r}", field="method.params.target_rank"))
+    return problems
 
 
 def full_checkpoint_problems(base: Checkpoint, task: TaskInput) -> list[Problem]:
@@ -70,6 +86,10 @@ def full_checkpoint_problems(base: Checkpoint, task: TaskInput) -> list[Problem]
     problems = []
     for name, info in base.tensors.items():
         other = model.tensors.get(name)
+        if other is None and not info.is_float:
+            # integer buffers are copied from the base (METHODS.md section 0); transformers >= 5
+            # does not save non-persistent ones such as BERT's `embeddings.position_ids`
+            continue
         if other is None:
             problems.append(Problem("missing (present in the base)", model=task.name, tensor=name))
         elif other.shape != info.shape:
@@ -78,7 +98,9 @@ def full_checkpoint_problems(base: Checkpoint, task: TaskInput) -> list[Problem]
         elif info.is_float and not other.is_float:
             problems.append(Problem(f"dtype {other.dtype}, expected a floating-point tensor",
                                     model=task.name, tensor=name))
-    for name in model.tensors.keys() - base.tensors.keys():
+    for name in sorted(model.tensors.keys() - base.tensors.keys()):
+        if not model.tensors[name].is_float:
+            continue  # an integer buffer the base was saved without: nothing to merge
         problems.append(Problem("not in the base model", model=task.name, tensor=name))
     return _capped(problems, task.name)
 
@@ -137,10 +159,6 @@ def output_problems(spec: JobSpec, method: MergeMethod | None, is_lora: bool) ->
                                 "full checkpoints", field="output.format"))
     if spec.output.destination is None:
         problems.append(Problem("no destination: set output.destination or pass --out",
-                                field="output.destination"))
-    elif spec.output.destination.startswith("hub://"):
-        problems.append(Problem("Hub destinations (hub://) are pushed by the service; this "
-                                "version of the library writes local directories only",
                                 field="output.destination"))
     if spec.calibration and (method is None or method.name != "adarank"):
         problems.append(Problem("calibration data is only used by methods that need data "

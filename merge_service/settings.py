@@ -22,6 +22,18 @@ class Settings(BaseSettings):
     hf_endpoint: str | None = None
     max_job_seconds: int = Field(6 * 3600, ge=60)
     worker_queues: str = Field("auto", description="auto, cpu, gpu or cpu,gpu")
+    # the service (api/, workers/)
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="largest accepted API body")
+    heartbeat_seconds: float = Field(10.0, gt=0, description="worker heartbeat; a job lock "
+                                     "or worker record expires after 3 missed beats")
+    # the client side of `merge-service submit`
+    api_url: str = Field("http://127.0.0.1:8000", description="where `submit` finds the API")
+    api_key: SecretStr | None = Field(None, description="the key `submit` sends")
+
+    @property
+    def redis_url_or_default(self) -> str:
+        """`REDIS_URL`, else the usual local server (`up` starts an embedded one instead)."""
+        return self.redis_url or "redis://127.0.0.1:6379/0"
 
     @cached_property
     def hub(self) -> HubOptions:
@@ -29,4 +41,5 @@ class Settings(BaseSettings):
             endpoint=self.hf_endpoint,
             token=self.hf_token.get_secret_value() if self.hf_token else None,
             cache_dir=self.data_dir / "hub-cache",
+            staging_dir=self.data_dir / "staging",
         )

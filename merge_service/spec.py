@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from merge_service.errors import Problem, SpecError
 
@@ -110,14 +117,28 @@ class JobSpec(_Strict):
     options: Options = Field(default_factory=Options)
     calibration: dict[str, CalibrationSource] | None = None
 
+    @model_validator(mode="after")
+    def _distinct_names(self) -> JobSpec:
+        named = [m.name for m in self.models if m.name]
+        duplicates = sorted({n for n in named if named.count(n) > 1})
+        if duplicates:  # `revert --task` and the report name tasks: they must be unambiguous
+            raise ValueError(f"task names must be distinct: {', '.join(duplicates)} repeated")
+        return self
+
     def task_names(self) -> list[str]:
-        """Each model's task name: its `name`, else the last part of its source, made unique."""
+        """Each model's task name: its `name`, else the last part of its source; derived names
+        get a suffix where they would collide (explicit names are kept as written)."""
+        taken = {m.name for m in self.models if m.name}
         names: list[str] = []
         for entry in self.models:
-            name = entry.name or derive_task_name(entry.source)
-            candidate, n = name, 2
-            while candidate in names:
-                candidate, n = f"{name}-{n}", n + 1
+            if entry.name:
+                names.append(entry.name)
+                continue
+            stem = derive_task_name(entry.source)
+            candidate, n = stem, 2
+            while candidate in taken:
+                candidate, n = f"{stem}-{n}", n + 1
+            taken.add(candidate)
             names.append(candidate)
         return names
 

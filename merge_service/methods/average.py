@@ -11,6 +11,8 @@ from merge_service.methods.linalg import weighted_sum
 class Average(MergeMethod):
     name = "average"
     summary = "Weighted mean of the models: θ = Σ w_t θ_t / Σ w_t."
+    spaces = frozenset({"full"})
+    output_formats = frozenset({"full"})
 
     def merge(self, task: TensorTask) -> TensorResult:
         # θ0 + Σ w τ / Σ w = Σ w θ / Σ w

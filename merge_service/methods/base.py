@@ -84,10 +84,13 @@ class MergeMethod(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
     Params: ClassVar[type[MethodParams]] = MethodParams
-    # The output formats this method can produce (DESIGN.md section 2).
-    output_formats: ClassVar[frozenset[str]] = frozenset({"full"})
+    # The output formats this method can produce (DESIGN.md section 2); `lora` only from core
+    # space, which preflight checks.
+    output_formats: ClassVar[frozenset[str]] = frozenset({"full", "lora"})
     # False for methods that produce only an artifact (no merged delta).
     produces_delta: ClassVar[bool] = True
+    # The spaces this method runs in on LoRA inputs (METHODS.md section 10).
+    spaces: ClassVar[frozenset[str]] = frozenset({"full", "core", "knots"})
 
     def __init__(self, params: MethodParams) -> None:
         self.params = params

@@ -31,6 +31,7 @@ class TsvCompress(MergeMethod):
     Params = TsvCompressParams
     output_formats = frozenset({"compressed"})
     produces_delta = False
+    spaces = frozenset({"full"})
 
     def merge(self, task: TensorTask) -> TensorResult:
         p: TsvCompressParams = self.params  # type: ignore[assignment]

@@ -132,7 +132,7 @@ class LoraAdapter:
             r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
             rank = int(pattern_value(config.get("rank_pattern") or {}, module, r_default))
             alpha = float(pattern_value(config.get("alpha_pattern") or {}, module, alpha_default))
-            stored_rank = a_info.shape[1] if embedding else a_info.shape[0]
+            stored_rank = a_info.shape[0]  # lora_A and lora_embedding_A are both (r, in)
             if rank != stored_rank:
                 problems.append(Problem(f"config gives rank {rank} for module {module}, "
                                         f"its lora_A has rank {stored_rank}", model=label))
@@ -198,8 +198,8 @@ def _factor_shape_problem(module: str, a: TensorInfo, b: TensorInfo, embedding: 
     if len(a.shape) != 2 or len(b.shape) != 2:
         return Problem(f"module {module}: only LoRA on Linear/Conv1D/Embedding layers is "
                        f"supported (lora_A has shape {list(a.shape)})", model=label)
-    inner_a = a.shape[1] if embedding else a.shape[0]
-    if inner_a != b.shape[1]:
+    # lora_A (r, in) / lora_B (out, r); lora_embedding_A (r, num_embeddings) / _B (dim, r)
+    if a.shape[0] != b.shape[1]:
         return Problem(f"module {module}: lora_A {list(a.shape)} and lora_B {list(b.shape)} "
                        "have different ranks", model=label)
     if not (a.is_float and b.is_float):

@@ -6,6 +6,7 @@ files a merge needs are fetched. Anything that looks like a path is a local dire
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ class HubOptions:
     endpoint: str | None = None
     token: str | None = None
     cache_dir: Path | None = None
+    staging_dir: Path | None = None  # outputs for hub:// destinations are written here first
 
 
 @dataclass(frozen=True)
@@ -89,22 +91,35 @@ def _resolve_hub(source: str, repo_id: str, revision: str | None, label: str,
                                   model=label)]
         path = snapshot_download(repo_id, revision=sha, allow_patterns=sorted(needed),
                                  cache_dir=hub.cache_dir, token=hub.token, endpoint=hub.endpoint)
+    except GatedRepoError:  # before RepositoryNotFoundError: it is a subclass of it
+        return None, [Problem(f"Hub repo {repo_id} is gated: configure a token with access",
+                              model=label)]
     except RepositoryNotFoundError:
         return None, [Problem(f"Hub repo {repo_id} not found (or no access with the configured "
                               "token)", model=label)]
     except RevisionNotFoundError:
         return None, [Problem(f"revision {revision!r} not found in Hub repo {repo_id}",
                               model=label)]
-    except GatedRepoError:
-        return None, [Problem(f"Hub repo {repo_id} is gated: configure a token with access",
-                              model=label)]
     except OfflineModeIsEnabled:
         return None, [Problem(f"cannot fetch Hub repo {repo_id}: offline mode is enabled",
                               model=label)]
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, *_request_errors()) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return None, [Problem(f"cannot fetch Hub repo {repo_id}: {reason}", model=label)]
     return ResolvedSource(source, Path(path), repo_id=repo_id, revision=sha), []
+
+
+def _request_errors() -> tuple[type[Exception], ...]:
+    """Requests that could not complete (connection refused, DNS, timeout) in the HTTP library
+    of huggingface_hub: httpx2 (2.x) or httpx (1.x). They are not OSErrors, unlike those of
+    requests (0.x)."""
+    errors = []
+    for module in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(module).RequestError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
 
 
 def _needed_files(files: list[str]) -> set[str]:

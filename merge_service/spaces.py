@@ -1,0 +1,100 @@
+"""LoRA spaces (METHODS.md section 10): where a method's rule runs on LoRA inputs.
+
+A space turns the T adapters' factors of one module into T small "task vectors" for the
+method, and the method's merged result back into a weight update. `full` needs nothing here
+(each `ΔW_t` is formed and the method runs as on full checkpoints).
+
+Every function takes `factors[t] = (A_t, B_t)` with `ΔW_t = B_t @ A_t` in the base tensor's
+stored orientation and `w_t s_t` already folded into `B_t`, or `None` for a task whose
+adapter does not adapt this module (a zero task: it still counts in T).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from merge_service.methods.linalg import numerical_rank, svd
+
+Factors = tuple[torch.Tensor, torch.Tensor]  # (A: r × n, B: m × r)
+
+
+@dataclass
+class CoreSpace:
+    """`ΔW_t = U_B M_t V_Aᵀ`: orthonormal `U_B` (m × p), `V_A` (n × q), cores `M_t` (p × q)."""
+
+    u_b: torch.Tensor
+    v_a: torch.Tensor
+    cores: list[torch.Tensor]
+
+    def to_full(self, merged_core: torch.Tensor) -> torch.Tensor:
+        """`ΔW = U_B M̄ V_Aᵀ` (m × n)."""
+        return (self.u_b @ merged_core) @ self.v_a.mT
+
+    def to_lora(self, merged_core: torch.Tensor, target_rank: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(A', B')` with `ΔW = B' A'`: `B' = U_B M̄`, `A' = V_Aᵀ`; with `target_rank`, the
+        top singular triplets of `M̄ = P S Qᵀ`: `B' = U_B P S`, `A' = Qᵀ V_Aᵀ`."""
+        if target_rank is None or target_rank >= min(merged_core.shape):
+            return self.v_a.mT.contiguous(), self.u_b @ merged_core
+        p, s, q = svd(merged_core)
+        k = target_rank
+        return (self.v_a @ q[:, :k]).mT.contiguous(), self.u_b @ (p[:, :k] * s[:k])
+
+
+def core_space(factors: Sequence[Factors | None]) -> CoreSpace:
+    """`A_stack = [A_1; …; A_T]`, `B_stack = [B_1 … B_T]`; `V_A`, `U_B` = all their singular
+    vectors (thin SVD, no truncation); `M_t = U_Bᵀ B_t A_t V_A`. Costs grow with Σr, never with
+    m·n: no `ΔW_t` is formed."""
+    present = [f for f in factors if f is not None]
+    a_stack = torch.cat([a for a, _ in present], dim=0)  # Σr × n
+    b_stack = torch.cat([b for _, b in present], dim=1)  # m × Σr
+    _, _, v_a = svd(a_stack)  # n × q, q = min(n, Σr)
+    u_b, _, _ = svd(b_stack)  # m × p, p = min(m, Σr)
+    cores = [
+        (u_b.mT @ f[1]) @ (f[0] @ v_a) if f is not None  # (p × r_t)(r_t × q)
+        else torch.zeros(u_b.shape[1], v_a.shape[1], dtype=u_b.dtype, device=u_b.device)
+        for f in factors
+    ]
+    return CoreSpace(u_b, v_a, cores)
+
+
+@dataclass
+class KnotsSpace:
+    """`[ΔW_1 … ΔW_T] = U [R_1 … R_T]`: shared `U` (m × ρ), per-task `R_t = diag(σ) V_tᵀ`."""
+
+    u: torch.Tensor
+    blocks: list[torch.Tensor]
+
+    def to_full(self, merged: torch.Tensor) -> torch.Tensor:
+        """`ΔW = U R̄`."""
+        return self.u @ merged
+
+
+def knots_space(factors: Sequence[Factors | None], in_features: int) -> KnotsSpace:
+    """KnOTS: `X = [ΔW_1 … ΔW_T]` (m × T·n), `SVD(X)` on its numerical rank ρ, `R_t` = task
+    t's columns of `diag(σ) Vᵀ`.
+
+    X is never formed: `X = B_stack · blockdiag(A_1 … A_T)` and with `B_stack = Q R` (thin QR)
+    `X = Q (R · blockdiag(A))`, whose SVD is `Q` times the SVD of the Σr × T·n matrix
+    `R · blockdiag(A)`: same singular values, left vectors `Q U_y`.
+    """
+    present = [f for f in factors if f is not None]
+    b_stack = torch.cat([b for _, b in present], dim=1)  # m × Σr
+    q, r = torch.linalg.qr(b_stack)  # m × p, p × Σr
+    blocks, offset = [], 0
+    for f in factors:
+        if f is None:
+            blocks.append(torch.zeros(r.shape[0], in_features, dtype=r.dtype, device=r.device))
+            continue
+        a, b = f
+        blocks.append(r[:, offset:offset + b.shape[1]] @ a)  # p × n
+        offset += b.shape[1]
+    u_y, sigma, v_y = svd(torch.cat(blocks, dim=1))  # p × T·n
+    rank = numerical_rank(sigma)
+    rows = sigma[:rank, None] * v_y[:, :rank].mT  # diag(σ) Vᵀ, ρ × T·n
+    return KnotsSpace(q @ u_y[:, :rank],
+                      [rows[:, t * in_features:(t + 1) * in_features].contiguous()
+                       for t in range(len(factors))])
