@@ -13,7 +13,7 @@ from pydantic import Field
 
 from merge_service.methods import register
 from merge_service.methods.base import MergeMethod, MethodParams, TensorResult, TensorTask
-from merge_service.methods.linalg import disjoint_mean, sign_election, weighted_sum
+from merge_service.methods.linalg import disjoint_mean, sign_election, weighted_sum_
 
 
 class DareParams(MethodParams):
@@ -67,7 +67,8 @@ class DareLinear(_Dare):
 
     def merge(self, task: TensorTask) -> TensorResult:
         p: DareParams = self.params  # type: ignore[assignment]
-        return TensorResult(p.alpha * weighted_sum(self.drop_and_rescale(task), task.weights))
+        rescaled = self.drop_and_rescale(task)
+        return TensorResult(weighted_sum_(rescaled, task.weights).mul_(p.alpha))
 
 
 @register

@@ -6,7 +6,7 @@ from pydantic import Field
 
 from merge_service.methods import register
 from merge_service.methods.base import MergeMethod, MethodParams, TensorResult, TensorTask
-from merge_service.methods.linalg import weighted_sum
+from merge_service.methods.linalg import weighted_sum_
 
 
 class TaskArithmeticParams(MethodParams):
@@ -21,4 +21,4 @@ class TaskArithmetic(MergeMethod):
 
     def merge(self, task: TensorTask) -> TensorResult:
         p: TaskArithmeticParams = self.params  # type: ignore[assignment]
-        return TensorResult(p.alpha * weighted_sum(task.task_vectors, task.weights))
+        return TensorResult(weighted_sum_(task.task_vectors, task.weights).mul_(p.alpha))

@@ -1,17 +1,19 @@
 """Full checkpoints on disk: a single `model.safetensors` or shards with an index.
 
-Only headers are read up front; tensors are read one at a time when asked for (`safe_open`).
+Only headers are read up front; tensors are read one at a time when asked for, with `preadv`
+straight into a fresh tensor. No file is memory-mapped: mapped pages that were touched count
+in the process's RSS (12 GB for five 1B-parameter models), page-cache reads do not.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from merge_service.errors import Problem
 
@@ -34,6 +36,7 @@ class TensorInfo:
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int = 0  # where the tensor's bytes start in the file
 
     @property
     def is_float(self) -> bool:
@@ -79,7 +82,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             begin, end = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise SafetensorsFileError(f"tensor {name!r} has a malformed header entry") from None
-        info = TensorInfo(path, dtype, shape)
+        info = TensorInfo(path, dtype, shape, 8 + length + begin)
         if end - begin != info.numel * dtype.itemsize or begin < 0:
             raise SafetensorsFileError(f"tensor {name!r}: data size does not match its shape")
         end_max = max(end_max, end)
@@ -90,13 +93,26 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     return infos
 
 
+def read_tensor(fd: int, info: TensorInfo) -> torch.Tensor:
+    """Read one tensor's bytes from an open safetensors file into a new CPU tensor."""
+    out = torch.empty(info.shape, dtype=info.dtype)
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], info.offset + done)
+        if got == 0:
+            raise OSError(f"{info.file.name}: unexpected end of file")
+        done += got
+    return out
+
+
 class Checkpoint:
     """A model directory with safetensors weights, read lazily."""
 
     def __init__(self, directory: Path, tensors: dict[str, TensorInfo]) -> None:
         self.directory = directory
         self.tensors = tensors
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, int] = {}  # open file descriptors
 
     @classmethod
     def open(cls, directory: Path, label: str, prefix: str = "model"
@@ -143,11 +159,10 @@ class Checkpoint:
 
     def get(self, name: str) -> torch.Tensor:
         info = self.tensors[name]
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = safe_open(str(info.file), framework="pt")
-            self._handles[info.file] = handle
-        return handle.get_tensor(name)  # type: ignore[attr-defined]
+        fd = self._handles.get(info.file)
+        if fd is None:
+            fd = self._handles[info.file] = os.open(info.file, os.O_RDONLY)
+        return read_tensor(fd, info)
 
     def floating_dtype(self) -> torch.dtype:
         """The dtype of most floating-point parameters (the model's dtype)."""
@@ -161,4 +176,6 @@ class Checkpoint:
         return sum(i.numel * i.dtype.itemsize for i in self.tensors.values())
 
     def close(self) -> None:
+        for fd in self._handles.values():
+            os.close(fd)
         self._handles.clear()

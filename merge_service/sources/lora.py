@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from merge_service.errors import Problem
 from merge_service.sources.checkpoint import (
     SafetensorsFileError,
     TensorInfo,
     read_safetensors_header,
+    read_tensor,
 )
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -72,7 +73,7 @@ class LoraAdapter:
         self.tensors = tensors
         self.modules = modules  # base tensor name -> module
         self.extras = extras  # base tensor name -> adapter key (modules_to_save, biases)
-        self._handle: object | None = None
+        self._fd: int | None = None
 
     @property
     def base_model_name(self) -> str | None:
@@ -154,9 +155,9 @@ class LoraAdapter:
         return cls(directory, config, tensors, modules, extras), []
 
     def _tensor(self, key: str) -> torch.Tensor:
-        if self._handle is None:
-            self._handle = safe_open(str(self.directory / ADAPTER_WEIGHTS), framework="pt")
-        return self._handle.get_tensor(key)  # type: ignore[attr-defined]
+        if self._fd is None:
+            self._fd = os.open(self.directory / ADAPTER_WEIGHTS, os.O_RDONLY)
+        return read_tensor(self._fd, self.tensors[key])
 
     def factors(self, target: str) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(A, B, s) with `ΔW = s · B @ A` in the base tensor's stored orientation."""
@@ -170,7 +171,9 @@ class LoraAdapter:
         return self._tensor(self.extras[target])
 
     def close(self) -> None:
-        self._handle = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _config_problems(config: dict, label: str) -> list[Problem]:
