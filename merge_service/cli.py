@@ -163,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     methods = sub.add_parser("methods", help="the method catalog with parameters and defaults")
     methods.add_argument("--json", action="store_true")
     methods.set_defaults(func=cmd_methods)
+
+    from api.cli import add_service_commands  # up, api, worker, submit (the service, api/)
+
+    add_service_commands(sub)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""The REST API (FastAPI): validates, stores, enqueues and reads jobs; never runs a merge."""

@@ -1,0 +1,154 @@
+"""`create_app(settings)`: the FastAPI application (OpenAPI at /docs, /openapi.json).
+
+    uvicorn --factory api.app:app_from_env      # or: merge-service api
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from api.auth import parse_api_keys
+from api.errors import ApiError, BadRequest, ErrorBody, ErrorResponse, Invalid
+from api.metrics import ApiMetrics, MetricsMiddleware
+from api.routes import router
+from api.service import JobService
+from merge_service import __version__
+from merge_service.errors import Problem
+from merge_service.settings import Settings
+from workers.celery_app import make_celery
+from workers.jobs import JobStore
+
+DESCRIPTION = """Merge fine-tuned models and LoRA adapters as a service.
+
+Submit a job spec to `POST /v1/jobs`; a worker runs it; follow it with
+`GET /v1/jobs/{id}/events` (Server-Sent Events) or poll `GET /v1/jobs/{id}`.
+Authenticate with `Authorization: Bearer <key>` when the server has keys configured.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    store = JobStore.from_url(settings.redis_url_or_default)
+    metrics = ApiMetrics(store, worker_ttl=3 * settings.heartbeat_seconds)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.async_redis = aioredis.Redis.from_url(settings.redis_url_or_default,
+                                                        decode_responses=True)
+        try:
+            yield
+        finally:
+            await app.state.async_redis.aclose()
+            store.r.close()
+
+    app = FastAPI(title="merge-service", version=__version__, description=DESCRIPTION,
+                  lifespan=lifespan,
+                  # operation ids are the function names: create_job, list_jobs, ...
+                  generate_unique_id_function=lambda route: route.name)
+    app.state.settings = settings
+    app.state.api_keys = parse_api_keys(settings.api_keys)
+    app.state.service = JobService(settings, store, make_celery(settings), metrics)
+    app.state.metrics = metrics
+    app.include_router(router)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    return create_app(Settings())
+
+
+# --- errors: one shape everywhere ------------------------------------------------------------
+
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    if any(e["type"] == "json_invalid" or (tuple(e["loc"]) == ("body",)
+                                            and isinstance(e.get("input"), bytes | str))
+           for e in errors):
+        return await _api_error(request, BadRequest(
+            "the body must be a JSON object (Content-Type: application/json)"))
+    problems = [_problem(e) for e in errors]
+    return await _api_error(request, Invalid(f"the request has {len(problems)} problem(s)",
+                                             problems, type="SpecError"))
+
+
+def _problem(error: dict[str, Any]) -> Problem:
+    where, *path = error["loc"] or ("body",)
+    field = ".".join(str(p) for p in path) or None
+    message = "unknown field" if error["type"] == "extra_forbidden" else error["msg"]
+    if where == "body" and field is None and error["type"] == "missing":
+        message = "a job spec is required as the JSON body"
+    if where == "body" and field == "models" and error["type"] == "too_short":
+        message = "a merge needs at least 2 models"
+    if where != "body":
+        field = f"{where}.{field}" if field else where
+    return Problem(message, field=field)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    names = {404: "NotFound", 405: "MethodNotAllowed"}
+    body = ErrorResponse(error=ErrorBody(type=names.get(exc.status_code, "HTTPError"),
+                                         message=str(exc.detail)))
+    return JSONResponse(body.model_dump(), status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
+
+
+class BodySizeLimit:
+    """413 for a body over `limit` bytes, declared (Content-Length) or streamed (chunked)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] in {"GET", "HEAD", "OPTIONS"}:
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._too_large(scope, receive, send)
+            return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                await self._too_large(scope, receive, send)
+                return
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: dict, receive: Any, send: Any) -> None:
+        error = ApiError(f"the request body is larger than {self.limit} bytes "
+                         "(MERGE_SERVICE_MAX_REQUEST_BYTES)", type="PayloadTooLarge")
+        response = JSONResponse(error.body(), status_code=413, headers={"Connection": "close"})
+        await response(scope, receive, send)

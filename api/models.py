@@ -1,0 +1,42 @@
+"""Response bodies of the API (the job record itself is `workers.jobs.JobRecord`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from workers.jobs import JobRecord
+
+
+class JobList(BaseModel):
+    jobs: list[JobRecord]
+    next_cursor: str | None = Field(None, description="pass as `cursor` for the next page; "
+                                                       "null on the last page")
+
+
+class MethodInfo(BaseModel):
+    name: str
+    summary: str
+    output_formats: list[str]
+    params: dict[str, dict[str, Any]] = Field(description="name -> type, default, description, "
+                                                           "bounds")
+
+
+class Health(BaseModel):
+    status: str = "ok"
+
+
+class WorkerInfo(BaseModel):
+    name: str
+    hostname: str
+    pid: int
+    queues: list[str]
+    started_at: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    redis: bool
+    workers: list[WorkerInfo]
+    problems: list[str] = Field(default_factory=list)

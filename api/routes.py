@@ -1,0 +1,136 @@
+"""The endpoints of DESIGN.md section 4 (schedules come with the scheduler). Each one checks
+the caller's role, calls one `JobService` method and returns a model."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Header, Path, Query, Request, Response
+from fastapi.responses import StreamingResponse
+
+from api.auth import Principal, require
+from api.errors import ERROR_RESPONSES, BadRequest, ErrorResponse, Unavailable
+from api.metrics import CONTENT_TYPE
+from api.models import Health, JobList, MethodInfo, Readiness
+from api.service import JobService
+from api.sse import check_event_id, job_events
+from merge_service.spec import JobSpec
+from workers.jobs import JOB_ID, JobRecord, JobStatus
+
+router = APIRouter(responses=ERROR_RESPONSES)
+Reader = Annotated[Principal, require("read")]
+Submitter = Annotated[Principal, require("submit")]
+JobId = Annotated[str, Path(description="a job id", max_length=64)]
+_404 = {404: {"model": ErrorResponse, "description": "no such job"}}
+_409 = {409: {"model": ErrorResponse, "description": "not possible in the job's state"}}
+_422 = {422: {"model": ErrorResponse, "description": "every problem of the spec"}}
+
+
+def service(request: Request) -> JobService:
+    return request.app.state.service
+
+
+class JSONText(Response):
+    """JSON already serialised (the job store's hot read paths); documented by the route's
+    `response_model`."""
+
+    media_type = "application/json"
+
+
+@router.post("/v1/jobs", status_code=202, response_model=JobRecord, tags=["jobs"],
+             responses={**_422, **_409}, summary="Submit a job spec")
+def create_job(request: Request, response: Response,
+               spec: Annotated[JobSpec, Body(description="a job spec (DESIGN.md section 2)")],
+               principal: Submitter,
+               idempotency_key: Annotated[str | None, Header(
+                   max_length=200, description="the same key (and spec) returns the job "
+                   "created the first time, for 24 hours")] = None) -> JobRecord:
+    record, replayed = service(request).submit(spec, principal, idempotency_key)
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = f"/v1/jobs/{record.id}"
+    return record
+
+
+@router.get("/v1/jobs", response_model=JobList, tags=["jobs"], summary="List jobs, newest first")
+def list_jobs(request: Request, principal: Reader,
+              status: JobStatus | None = None, name: str | None = None,
+              limit: Annotated[int, Query(ge=1, le=100)] = 20,
+              cursor: Annotated[str | None, Query(description="`next_cursor` of the previous "
+                                                              "page")] = None) -> JSONText:
+    if cursor is not None and not JOB_ID.match(cursor):
+        raise BadRequest("invalid cursor: pass the `next_cursor` of a previous page")
+    return JSONText(service(request).list_json(status, name, limit, cursor))
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobRecord, tags=["jobs"], responses=_404,
+            summary="A job record")
+def get_job(request: Request, job_id: JobId, principal: Reader) -> JSONText:
+    return JSONText(service(request).get_json(job_id))
+
+
+@router.get("/v1/jobs/{job_id}/events", tags=["jobs"], response_class=StreamingResponse,
+            summary="Server-Sent Events: state changes and progress",
+            responses={**_404, 200: {"content": {"text/event-stream": {}},
+                                     "description": "`event: state|progress`, `data`: JSON"}})
+def get_job_events(request: Request, job_id: JobId, principal: Reader,
+                   last_event_id: Annotated[str | None, Header()] = None) -> StreamingResponse:
+    svc = service(request)
+    after = check_event_id(last_event_id)
+    svc.get(job_id)  # 404 before the stream starts
+    stream = job_events(request.app.state.async_redis, svc.store, job_id, after)
+    return StreamingResponse(stream, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.get("/v1/jobs/{job_id}/report", tags=["jobs"], responses={**_404, **_409},
+            summary="merge_report.json of a succeeded job")
+def get_job_report(request: Request, job_id: JobId, principal: Reader
+                   ) -> dict[str, Any]:
+    return service(request).report(job_id)
+
+
+@router.post("/v1/jobs/{job_id}/cancel", status_code=202, response_model=JobRecord,
+             tags=["jobs"], responses={**_404, **_409}, summary="Cancel a job (cooperative)")
+def cancel_job(request: Request, job_id: JobId, principal: Submitter
+               ) -> JobRecord:
+    return service(request).cancel(job_id, principal)
+
+
+@router.post("/v1/jobs/{job_id}/retry", status_code=202, response_model=JobRecord,
+             tags=["jobs"], responses={**_404, **_409, **_422},
+             summary="A new job with the same (resolved) spec")
+def retry_job(request: Request, job_id: JobId, principal: Submitter
+              ) -> JobRecord:
+    return service(request).retry(job_id, principal)
+
+
+@router.get("/v1/methods", response_model=list[MethodInfo], tags=["methods"],
+            summary="The method catalog")
+def list_methods(principal: Reader) -> list[dict[str, Any]]:
+    return JobService.methods()
+
+
+@router.get("/healthz", response_model=Health, tags=["operations"], summary="Liveness")
+def healthz() -> Health:
+    return Health()
+
+
+@router.get("/readyz", response_model=Readiness, tags=["operations"],
+            responses={503: {"model": Readiness, "description": "not ready"}},
+            summary="Readiness: Redis reachable and at least one live worker")
+def readyz(request: Request, response: Response) -> Readiness:
+    readiness = Readiness.model_validate(service(request).readiness())
+    if not readiness.ready:
+        response.status_code = 503
+    return readiness
+
+
+@router.get("/metrics", tags=["operations"], response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE: {}}}}, summary="Prometheus metrics")
+def metrics(request: Request, principal: Reader) -> Response:
+    try:
+        body = request.app.state.metrics.render()
+    except Exception as exc:
+        raise Unavailable(f"metrics unavailable: {type(exc).__name__}") from None
+    return Response(body, media_type=CONTENT_TYPE)

@@ -1,0 +1,180 @@
+"""What the routes do: one method per endpoint, on top of the job store and the Celery app.
+
+Submitting runs the library's preflight (`merge_service.engine.prepare`) in the API process,
+so that a bad spec is answered with every problem before anything is queued. The device check
+is left to the worker (the API host may have no GPU; the job waits in the `gpu` queue).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+from celery import Celery
+
+from api.auth import Principal
+from api.errors import Conflict, Forbidden, Invalid, NotFound, Unavailable
+from api.metrics import ApiMetrics
+from merge_service.engine import prepare
+from merge_service.errors import InvalidInputError
+from merge_service.methods import catalog
+from merge_service.settings import Settings
+from merge_service.spec import JobSpec
+from workers.celery_app import RUN_JOB
+from workers.jobs import (
+    TERMINAL,
+    IdempotencyConflict,
+    JobError,
+    JobRecord,
+    JobStore,
+    timestamp,
+)
+
+log = logging.getLogger("merge_service.api")
+
+
+class JobService:
+    def __init__(self, settings: Settings, store: JobStore, celery: Celery,
+                 metrics: ApiMetrics) -> None:
+        self.settings, self.store, self.celery, self.metrics = settings, store, celery, metrics
+        self.worker_ttl = 3 * settings.heartbeat_seconds
+
+    # jobs
+
+    def submit(self, spec: JobSpec, principal: Principal, idempotency_key: str | None = None,
+               schedule_id: str | None = None) -> tuple[JobRecord, bool]:
+        """Preflight, store, enqueue. Returns the job and whether it was an idempotent replay."""
+        idempotency = None
+        if idempotency_key is not None:
+            digest = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
+            idempotency = (f"{principal.name}:{idempotency_key}", digest)
+        resolved = self.preflight(spec)
+        queue = self.queue_for(spec.options.device)
+        try:
+            record, replayed = self.store.create(resolved, queue=queue,
+                                                 submitted_by=principal.name,
+                                                 schedule_id=schedule_id,
+                                                 idempotency=idempotency)
+        except IdempotencyConflict as exc:
+            raise Conflict(f"Idempotency-Key was already used for job {exc} with a different "
+                           "spec", type="IdempotencyConflict") from None
+        if replayed:
+            return record, True
+        try:
+            self.celery.send_task(RUN_JOB, args=[record.id], task_id=record.id, queue=queue)
+        except Exception as exc:
+            log.exception("job %s: cannot enqueue", record.id)
+            self.store.transition(record.id, "failed", {"queued"},
+                                  finished_at=timestamp(),
+                                  error=JobError(type="EnqueueError",
+                                                 message="the broker refused the job").model_dump())
+            raise Unavailable("the job could not be queued: the broker is unavailable") from exc
+        self.metrics.submitted.labels(queue).inc()
+        return record, False
+
+    def preflight(self, spec: JobSpec) -> JobSpec:
+        """Every problem of the spec, or the spec to store: sources pinned, local paths
+        absolute, the user's device kept as written."""
+        as_cpu = spec.model_copy(update={"options": spec.options.model_copy(
+            update={"device": "cpu"})})
+        try:
+            prepared = prepare(as_cpu, hub=self.settings.hub)
+        except InvalidInputError as exc:
+            raise Invalid(f"the spec has {len(exc.problems)} problem(s)", exc.problems,
+                          type=type(exc).__name__) from None
+        try:
+            output = spec.output
+            if output.destination and not output.destination.startswith("hub://"):
+                output = output.model_copy(update={"destination": str(prepared.destination)})
+            return prepared.resolved_spec.model_copy(update={"options": spec.options,
+                                                             "output": output})
+        finally:
+            prepared.close()
+
+    def queue_for(self, device: str) -> str:
+        """cuda* -> gpu; cpu -> cpu; auto -> gpu if a live worker consumes it, else cpu."""
+        if device.startswith("cuda"):
+            return "gpu"
+        if device == "cpu":
+            return "cpu"
+        live = self.store.live_workers(self.worker_ttl)
+        return "gpu" if any("gpu" in w["queues"] for w in live) else "cpu"
+
+    def get(self, job_id: str) -> JobRecord:
+        record = self.store.get(job_id)
+        if record is None:
+            raise NotFound(f"no job {job_id!r}")
+        return record
+
+    def get_json(self, job_id: str) -> str:
+        """`get`, as JSON text straight from the stored fields (the polling hot path)."""
+        text = self.store.get_json(job_id)
+        if text is None:
+            raise NotFound(f"no job {job_id!r}")
+        return text
+
+    def list_json(self, status: str | None, name: str | None, limit: int, cursor: str | None
+                  ) -> str:
+        """A `JobList` as JSON text; unfiltered pages come straight from the stored fields."""
+        if status is None and name is None:
+            records, next_cursor = self.store.list_json(limit=limit, after=cursor)
+        else:
+            jobs, next_cursor = self.store.list(status=status, name=name, limit=limit,
+                                                after=cursor)
+            records = [job.model_dump_json() for job in jobs]
+        return f'{{"jobs":[{",".join(records)}],"next_cursor":{json.dumps(next_cursor)}}}'
+
+    def cancel(self, job_id: str, principal: Principal) -> JobRecord:
+        record = self.get(job_id)
+        self._check_owner(job_id, principal, "cancel")
+        if record.status in TERMINAL:
+            raise Conflict(f"job {job_id} has already {record.status}")
+        self.store.request_cancel(job_id)
+        # still queued: cancelled now (a worker that picks it up later sees that and skips it)
+        self.store.transition(job_id, "cancelled", {"queued"}, finished_at=timestamp())
+        return self.get(job_id)
+
+    def retry(self, job_id: str, principal: Principal) -> JobRecord:
+        record = self.get(job_id)
+        if record.status not in TERMINAL:
+            raise Conflict(f"job {job_id} is {record.status}; only a finished job can be retried")
+        new, _ = self.submit(record.spec, principal, schedule_id=record.schedule_id)
+        return new
+
+    def report(self, job_id: str) -> dict[str, Any]:
+        record = self.get(job_id)
+        if record.status != "succeeded":
+            raise Conflict(f"job {job_id} is {record.status}; a report exists once it succeeded")
+        report = self.store.get_report(job_id)
+        if report is None:
+            raise NotFound(f"job {job_id} has no report")
+        return report
+
+    def _check_owner(self, job_id: str, principal: Principal, action: str) -> None:
+        if principal.role == "admin":
+            return
+        if self.store.internal(job_id)["submitted_by"] != principal.name:
+            raise Forbidden(f"only the key that submitted job {job_id}, or an admin key, may "
+                            f"{action} it")
+
+    # the rest
+
+    @staticmethod
+    def methods() -> list[dict[str, Any]]:
+        return catalog()
+
+    def readiness(self) -> dict[str, Any]:
+        problems = []
+        try:
+            self.store.r.ping()
+            redis_ok = True
+            workers = self.store.live_workers(self.worker_ttl)
+        except Exception as exc:
+            redis_ok, workers = False, []
+            problems.append(f"Redis unreachable: {type(exc).__name__}")
+        if redis_ok and not workers:
+            problems.append("no live worker")
+        return {"ready": not problems, "redis": redis_ok, "workers": workers,
+                "problems": problems}

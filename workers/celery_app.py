@@ -1,0 +1,74 @@
+"""The Celery application: Redis broker, one task per job, queues `gpu` and `cpu`.
+
+`celery -A workers.celery_app worker` and `merge-service worker` both use `app` below, built
+from the `MERGE_SERVICE_*` settings. The API builds its own instance with `make_celery` to
+send tasks (it never imports the task code).
+"""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+from celery.concurrency.asynpool import AsynPool
+from celery.concurrency.prefork import TaskPool
+from celery.signals import worker_process_init
+from kombu import Queue
+
+from merge_service.settings import Settings
+
+QUEUES = ("gpu", "cpu")
+RUN_JOB = "merge_service.run_job"
+JOB_NICENESS = 10  # merges are batch work: on a shared host the API and heartbeats come first
+
+
+class _OneJobAsynPool(AsynPool):
+    @property
+    def timers(self) -> dict:
+        return {self.maintain_pool: 0.2}
+
+
+class JobPool(TaskPool):
+    """Prefork, one job per child. A child exits after its job; billiard notices an exited
+    child on a timer (5 s by default), which would delay the next job by up to 5 s."""
+
+    Pool = _OneJobAsynPool
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("merge_service", broker=settings.redis_url_or_default,
+                 include=["workers.tasks"])
+    limit = settings.max_job_seconds
+    app.conf.update(
+        task_queues=[Queue(name) for name in QUEUES],
+        task_default_queue="cpu",
+        task_serializer="json",
+        accept_content=["json"],
+        # job records hold results and state; Celery's own result store is not used
+        task_ignore_result=True,
+        task_store_errors_even_if_ignored=False,
+        # a job is acknowledged when it ends: a worker that dies leaves it to be run again
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        # one job per child process: GPU memory, CUDA contexts and caches go with the child
+        worker_max_tasks_per_child=1,
+        worker_pool="workers.celery_app:JobPool",
+        task_soft_time_limit=limit,
+        task_time_limit=limit + 60,
+        # an unacknowledged job is redelivered only after the longest job could have finished
+        broker_transport_options={"visibility_timeout": limit + 600},
+        broker_connection_retry_on_startup=True,
+        worker_send_task_events=False,
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+@worker_process_init.connect
+def _lower_job_priority(**_: object) -> None:
+    """In each pool child (where jobs run), not in the worker's main process."""
+    os.nice(JOB_NICENESS)
+
+
+app = make_celery(Settings())

@@ -1,0 +1,428 @@
+"""The job store: job records, listing indexes, event streams, cancel flags, locks, in Redis.
+
+Used by the API (create, read, list, cancel) and by the workers (state, progress, results).
+The record in Redis is the source of truth (DESIGN.md section 5); Celery only carries job ids.
+
+Keys (prefix `ms:`):
+
+- `job:{id}`: a hash, one field per record field, each JSON-encoded, plus internal fields
+  (`_submitted_by`, `_attempts`, `_queue`) that the API never returns.
+- `jobs`, `jobs:status:{status}`, `jobs:name:{name}`: sorted sets of job ids, all at score 0 so
+  that they sort lexicographically; ids start with the creation time in hex, so a reverse
+  lexicographic range is newest first and a cursor is simply the last id seen.
+- `job:{id}:events`: a stream of `state` and `progress` events (SSE resumes by stream id).
+- `job:{id}:cancel`, `job:{id}:lock`, `job:{id}:report`: cancel flag; the lock a running
+  worker holds and refreshes (its expiry means the worker died); the finished job's
+  `merge_report.json`.
+- `idem:{scope}:{digest}`: an `Idempotency-Key` and the job it created, for a day.
+- `workers`, `worker:{name}`: live workers (last heartbeat, queues) for routing and readiness.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+import time
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import redis
+from pydantic import BaseModel, Field
+
+from merge_service.spec import JobSpec
+
+JobStatus = Literal["queued", "validating", "running", "pushing", "succeeded", "failed",
+                    "cancelled"]
+STATUSES: tuple[str, ...] = ("queued", "validating", "running", "pushing", "succeeded",
+                             "failed", "cancelled")
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+ACTIVE = frozenset({"validating", "running", "pushing"})  # a worker holds the job
+JOB_ID = re.compile(r"^[0-9a-f]{20}$")
+IDEMPOTENCY_TTL_S = 24 * 3600
+EVENTS_MAXLEN = 10_000  # progress is per tensor; the terminal event is always the last one
+
+_PUBLIC = ("id", "name", "status", "spec", "progress", "created_at", "started_at",
+           "finished_at", "worker", "result", "error", "schedule_id")
+
+
+# --- the job record (DESIGN.md section 4) ------------------------------------------------------
+
+class JobProgress(BaseModel):
+    stage: str | None = Field(None, description="resolving, preflight, merging, finalizing, "
+                                                  "pushing")
+    done: int = 0
+    total: int = 0
+    current: str | None = Field(None, description="the tensor being worked on")
+
+
+class JobResult(BaseModel):
+    destination: str
+    url: str | None = Field(None, description="Hub destinations: the commit (or PR) URL")
+    files: list[str] = Field(default_factory=list)
+    revision: str | None = Field(None, description="Hub destinations: the commit sha")
+
+
+class JobError(BaseModel):
+    type: str = Field(description="the exception type, e.g. PreflightError, MergeRuntimeError")
+    message: str
+    details: dict[str, Any] | None = Field(None, description="e.g. `problems`: every problem "
+                                                             "found, each with model/tensor/field")
+
+
+class JobRecord(BaseModel):
+    id: str
+    name: str | None = None
+    status: JobStatus
+    spec: JobSpec = Field(description="the resolved spec: Hub revisions pinned, paths absolute")
+    progress: JobProgress = Field(default_factory=JobProgress)
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    worker: str | None = None
+    result: JobResult | None = None
+    error: JobError | None = None
+    schedule_id: str | None = None
+
+
+class JobEvent(BaseModel):
+    id: str = Field(description="the stream id; send it back as Last-Event-ID to resume")
+    type: Literal["state", "progress"]
+    data: dict[str, Any]
+
+
+def new_job_id() -> str:
+    """20 hex digits: milliseconds since the epoch (12) then randomness (8); sorts by time."""
+    return f"{int(time.time() * 1000):012x}{secrets.token_hex(4)}"
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def timestamp() -> str:
+    """Now, as the record stores and returns it (pydantic's JSON form of a UTC datetime)."""
+    return now().isoformat().replace("+00:00", "Z")
+
+
+def fingerprint(secret: str) -> str:
+    """A stable, non-reversible name for a key (never the key itself)."""
+    return hashlib.sha256(secret.encode()).hexdigest()[:16]
+
+
+class IdempotencyConflict(Exception):
+    """The same Idempotency-Key was used before with a different body."""
+
+
+class JobStore:
+    def __init__(self, client: redis.Redis, prefix: str = "ms:") -> None:
+        self.r = client
+        self.p = prefix
+        # compare-and-set on the lock value: only its owner refreshes or releases a lock
+        self._refresh = client.register_script(
+            "if redis.call('get', KEYS[1]) == ARGV[1] then "
+            "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end")
+        self._release = client.register_script(
+            "if redis.call('get', KEYS[1]) == ARGV[1] then "
+            "return redis.call('del', KEYS[1]) else return 0 end")
+
+    @classmethod
+    def from_url(cls, url: str) -> JobStore:
+        return cls(redis.Redis.from_url(url, decode_responses=True, health_check_interval=30))
+
+    # keys
+
+    def job_key(self, job_id: str) -> str:
+        return f"{self.p}job:{job_id}"
+
+    def events_key(self, job_id: str) -> str:
+        return f"{self.p}job:{job_id}:events"
+
+    def _cancel_key(self, job_id: str) -> str:
+        return f"{self.p}job:{job_id}:cancel"
+
+    def _lock_key(self, job_id: str) -> str:
+        return f"{self.p}job:{job_id}:lock"
+
+    def _report_key(self, job_id: str) -> str:
+        return f"{self.p}job:{job_id}:report"
+
+    def _index(self, status: str | None = None, name: str | None = None) -> str:
+        if name is not None:
+            return f"{self.p}jobs:name:{name}"
+        if status is not None:
+            return f"{self.p}jobs:status:{status}"
+        return f"{self.p}jobs"
+
+    # create and read
+
+    def create(self, spec: JobSpec, *, queue: str, submitted_by: str | None = None,
+               schedule_id: str | None = None,
+               idempotency: tuple[str, str] | None = None) -> tuple[JobRecord, bool]:
+        """Store a new queued job; return it and whether it is a replay of an earlier request.
+
+        `idempotency` = (scoped key, digest of the body): a key seen before returns the job it
+        created (or raises `IdempotencyConflict` when the body differs)."""
+        record = JobRecord(id=new_job_id(), name=spec.name, status="queued", spec=spec,
+                           created_at=now(), schedule_id=schedule_id)
+        if idempotency is not None:
+            key, digest = idempotency
+            idem_key = f"{self.p}idem:{hashlib.sha256(key.encode()).hexdigest()}"
+            claimed = self.r.set(idem_key, f"{record.id}:{digest}", nx=True,
+                                 ex=IDEMPOTENCY_TTL_S)
+            if not claimed:
+                earlier = self._idempotent_job(idem_key, digest)
+                if earlier is not None:
+                    return earlier, True
+                # the earlier job expired or its request failed half-way: take the key over
+                self.r.set(idem_key, f"{record.id}:{digest}", ex=IDEMPOTENCY_TTL_S)
+        fields = _encode(record.model_dump(mode="json"))
+        fields |= {"_submitted_by": json.dumps(submitted_by), "_attempts": "0",
+                   "_queue": json.dumps(queue)}
+        pipe = self.r.pipeline()
+        pipe.hset(self.job_key(record.id), mapping=fields)
+        pipe.zadd(self._index(), {record.id: 0})
+        pipe.zadd(self._index(status="queued"), {record.id: 0})
+        if record.name is not None:
+            pipe.zadd(self._index(name=record.name), {record.id: 0})
+        self._add_event(pipe, record.id, "state", _state_data(record.model_dump(mode="json")))
+        pipe.execute()
+        return record, False
+
+    def _idempotent_job(self, idem_key: str, digest: str) -> JobRecord | None:
+        stored = self.r.get(idem_key)
+        if stored is None:
+            return None
+        job_id, _, stored_digest = stored.partition(":")
+        record = self.get(job_id)
+        if record is None:
+            return None
+        if stored_digest != digest:
+            raise IdempotencyConflict(job_id)
+        return record
+
+    def get(self, job_id: str) -> JobRecord | None:
+        if not JOB_ID.match(job_id):
+            return None
+        raw = self.r.hgetall(self.job_key(job_id))
+        return _decode_record(raw) if raw else None
+
+    def get_json(self, job_id: str) -> str | None:
+        """The record as JSON text, assembled from the stored fields without decoding them:
+        the hot path of `GET /v1/jobs/{id}` (fields were validated when written)."""
+        if not JOB_ID.match(job_id):
+            return None
+        raw = self.r.hmget(self.job_key(job_id), _PUBLIC)
+        return _record_json(raw) if raw[0] is not None else None
+
+    def list_json(self, *, limit: int = 20, after: str | None = None) -> tuple[list[str],
+                                                                                 str | None]:
+        """`list` without filters, as JSON texts (the hot path of `GET /v1/jobs`)."""
+        upper = f"({after}" if after else "+"
+        ids = self.r.zrevrangebylex(self._index(), upper, "-", start=0, num=limit + 1)
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in ids[:limit]:
+            pipe.hmget(self.job_key(job_id), _PUBLIC)
+        records = [_record_json(raw) for raw in (pipe.execute() if ids else [])
+                   if raw[0] is not None]
+        return records, (ids[limit - 1] if len(ids) > limit else None)
+
+    def internal(self, job_id: str) -> dict[str, Any]:
+        """The fields the API does not return: `submitted_by`, `attempts`, `queue`."""
+        values = self.r.hmget(self.job_key(job_id), "_submitted_by", "_attempts", "_queue")
+        submitted_by, attempts, queue = values
+        return {"submitted_by": json.loads(submitted_by) if submitted_by else None,
+                "attempts": int(attempts or 0), "queue": json.loads(queue) if queue else None}
+
+    def list(self, *, status: str | None = None, name: str | None = None, limit: int = 20,
+             after: str | None = None) -> tuple[list[JobRecord], str | None]:
+        """Newest first. Returns the page and the id to continue after (None: no more)."""
+        index = self._index(status=status, name=name)
+        both = status is not None and name is not None  # the name index, filtered by status
+        page = max(limit + 1, 50) if both else limit + 1
+        upper = f"({after}" if after else "+"
+        found: list[JobRecord] = []
+        while True:
+            ids = self.r.zrevrangebylex(index, upper, "-", start=0, num=page)
+            pipe = self.r.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.hgetall(self.job_key(job_id))
+            for raw in pipe.execute() if ids else []:
+                if not raw:
+                    continue  # deleted between the two reads
+                record = _decode_record(raw)
+                if both and record.status != status:
+                    continue
+                if len(found) == limit:  # one more match exists: the page is full
+                    return found, found[-1].id
+                found.append(record)
+            if len(ids) < page:
+                return found, None
+            upper = f"({ids[-1]}"
+
+    def counts(self) -> dict[str, int]:
+        pipe = self.r.pipeline(transaction=False)
+        for status in STATUSES:
+            pipe.zcard(self._index(status=status))
+        return dict(zip(STATUSES, pipe.execute(), strict=True))
+
+    # state changes
+
+    def transition(self, job_id: str, to: str, allowed_from: frozenset[str] | set[str],
+                   **fields: Any) -> JobRecord | None:
+        """Atomically move a job to status `to` (if its status is in `allowed_from`), set
+        `fields` and publish a state event. Returns the new record, or None if refused."""
+        key = self.job_key(job_id)
+        outcome: dict[str, Any] = {}
+
+        def change(pipe: redis.client.Pipeline) -> None:
+            raw = pipe.hgetall(key)
+            if not raw or json.loads(raw["status"]) not in allowed_from:
+                outcome.clear()
+                return
+            current = json.loads(raw["status"])
+            updates = {"status": to, **fields}
+            record = {k: json.loads(v) for k, v in raw.items() if k in _PUBLIC} | updates
+            pipe.multi()
+            pipe.hset(key, mapping=_encode(updates))
+            if current != to:
+                pipe.zrem(self._index(status=current), job_id)
+                pipe.zadd(self._index(status=to), {job_id: 0})
+            self._add_event(pipe, job_id, "state", _state_data(record))
+            outcome["record"] = record
+
+        self.r.transaction(change, key)
+        record = outcome.get("record")
+        return JobRecord.model_validate(record) if record else None
+
+    def set_progress(self, job_id: str, progress: JobProgress) -> None:
+        data = progress.model_dump(mode="json")
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(self.job_key(job_id), "progress", json.dumps(data))
+        self._add_event(pipe, job_id, "progress", data)
+        pipe.execute()
+
+    def add_attempt(self, job_id: str) -> int:
+        return int(self.r.hincrby(self.job_key(job_id), "_attempts", 1))
+
+    def request_cancel(self, job_id: str) -> None:
+        self.r.set(self._cancel_key(job_id), "1")
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return bool(self.r.exists(self._cancel_key(job_id)))
+
+    def set_report(self, job_id: str, report: dict[str, Any]) -> None:
+        self.r.set(self._report_key(job_id), json.dumps(report))
+
+    def get_report(self, job_id: str) -> dict[str, Any] | None:
+        raw = self.r.get(self._report_key(job_id))
+        return json.loads(raw) if raw else None
+
+    # events
+
+    def _add_event(self, pipe: Any, job_id: str, kind: str, data: dict[str, Any]) -> None:
+        pipe.xadd(self.events_key(job_id), {"type": kind, "data": json.dumps(data)},
+                  maxlen=EVENTS_MAXLEN, approximate=True)
+
+    def events(self, job_id: str, after: str = "0-0", count: int = 1000) -> list[JobEvent]:
+        entries = self.r.xrange(self.events_key(job_id), min=f"({after}" if after != "0-0"
+                                else "-", count=count)
+        return [decode_event(event_id, fields) for event_id, fields in entries]
+
+    # workers: locks and liveness
+
+    def acquire_lock(self, job_id: str, owner: str, ttl_s: float) -> bool:
+        return bool(self.r.set(self._lock_key(job_id), owner, nx=True, px=int(ttl_s * 1000)))
+
+    def refresh_lock(self, job_id: str, owner: str, ttl_s: float) -> bool:
+        return bool(self._refresh(keys=[self._lock_key(job_id)],
+                                  args=[owner, int(ttl_s * 1000)]))
+
+    def release_lock(self, job_id: str, owner: str) -> None:
+        self._release(keys=[self._lock_key(job_id)], args=[owner])
+
+    def lock_owner(self, job_id: str) -> str | None:
+        return self.r.get(self._lock_key(job_id))
+
+    def worker_heartbeat(self, name: str, info: dict[str, Any], ttl_s: float) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zadd(f"{self.p}workers", {name: time.time()})
+        pipe.set(f"{self.p}worker:{name}", json.dumps(info), px=int(ttl_s * 1000))
+        pipe.execute()
+
+    def worker_gone(self, name: str) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zrem(f"{self.p}workers", name)
+        pipe.delete(f"{self.p}worker:{name}")
+        pipe.execute()
+
+    def live_workers(self, ttl_s: float) -> list[dict[str, Any]]:
+        """Workers whose last heartbeat is younger than `ttl_s`; stale entries are dropped."""
+        key = f"{self.p}workers"
+        cutoff = time.time() - ttl_s
+        self.r.zremrangebyscore(key, "-inf", cutoff)
+        names = self.r.zrange(key, 0, -1)
+        if not names:
+            return []
+        infos = self.r.mget([f"{self.p}worker:{n}" for n in names])
+        return [json.loads(i) for i in infos if i]
+
+    def orphaned_jobs(self) -> list[str]:
+        """Jobs a worker holds (validating, running, pushing) whose lock has expired."""
+        ids: list[str] = []
+        for status in sorted(ACTIVE):
+            ids += self.r.zrange(self._index(status=status), 0, -1)
+        if not ids:
+            return []
+        held = self.r.mget([self._lock_key(i) for i in ids])
+        return [i for i, owner in zip(ids, held, strict=True) if owner is None]
+
+    def requeue_orphan(self, job_id: str) -> JobRecord | None:
+        """Back to `queued` if the job is still active and unlocked (one reaper wins)."""
+        key, lock = self.job_key(job_id), self._lock_key(job_id)
+        outcome: dict[str, Any] = {}
+
+        def change(pipe: redis.client.Pipeline) -> None:
+            raw = pipe.hgetall(key)
+            if not raw or pipe.exists(lock) or json.loads(raw["status"]) not in ACTIVE:
+                return
+            current = json.loads(raw["status"])
+            updates = {"status": "queued", "worker": None,
+                       "progress": JobProgress().model_dump(mode="json")}
+            record = {k: json.loads(v) for k, v in raw.items() if k in _PUBLIC} | updates
+            pipe.multi()
+            pipe.hset(key, mapping=_encode(updates))
+            pipe.zrem(self._index(status=current), job_id)
+            pipe.zadd(self._index(status="queued"), {job_id: 0})
+            self._add_event(pipe, job_id, "state", {**_state_data(record),
+                                                   "reason": "worker lost; requeued"})
+            outcome["record"] = record
+
+        self.r.transaction(change, key, lock)
+        record = outcome.get("record")
+        return JobRecord.model_validate(record) if record else None
+
+
+def decode_event(event_id: str, fields: dict[str, str]) -> JobEvent:
+    return JobEvent(id=event_id, type=fields["type"], data=json.loads(fields["data"]))
+
+
+def _state_data(record: dict[str, Any]) -> dict[str, Any]:
+    """What a state event carries: the record without its spec and progress."""
+    return {k: record.get(k) for k in ("id", "status", "started_at", "finished_at", "worker",
+                                       "result", "error")}
+
+
+def _record_json(values: list[str | None]) -> str:
+    return "{" + ",".join(f'"{k}":{v if v is not None else "null"}'
+                          for k, v in zip(_PUBLIC, values, strict=True)) + "}"
+
+
+def _encode(fields: dict[str, Any]) -> dict[str, str]:
+    return {k: json.dumps(v) for k, v in fields.items()}
+
+
+def _decode_record(raw: dict[str, str]) -> JobRecord:
+    return JobRecord.model_validate({k: json.loads(v) for k, v in raw.items() if k in _PUBLIC})
+

@@ -1,0 +1,91 @@
+"""In each worker's main process: a heartbeat (the worker record that routing and `/readyz`
+read) and a reaper that puts back in the queue the jobs whose worker died.
+
+A job's lock expires three heartbeats after its worker stopped refreshing it; any live worker's
+reaper then moves the job from `validating`/`running`/`pushing` back to `queued` (one reaper
+wins: the change is a Redis transaction) and sends it again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from celery.signals import worker_ready, worker_shutdown
+
+from workers.celery_app import RUN_JOB
+from workers.jobs import JobError, timestamp
+from workers.runner import MAX_ATTEMPTS, context, fail
+
+log = logging.getLogger("merge_service.worker")
+
+
+class Liveness(threading.Thread):
+    def __init__(self, app: Any, name: str, queues: list[str]) -> None:
+        super().__init__(name="merge-service-liveness", daemon=True)
+        self.app, self.worker_name, self.queues = app, name, queues
+        self.stopped = threading.Event()
+        self.info = {"name": name, "hostname": socket.gethostname(), "pid": os.getpid(),
+                     "queues": queues, "started_at": timestamp()}
+
+    def run(self) -> None:
+        settings, _ = context()
+        interval = settings.heartbeat_seconds
+        while True:
+            started = time.monotonic()
+            try:
+                self.beat(3 * interval)
+                self.reap()
+            except Exception:
+                log.warning("heartbeat or reaper failed; trying again", exc_info=True)
+            if self.stopped.wait(max(0.0, interval - (time.monotonic() - started))):
+                return
+
+    def beat(self, ttl: float) -> None:
+        _, store = context()
+        store.worker_heartbeat(self.worker_name, self.info, ttl)
+
+    def reap(self) -> None:
+        _, store = context()
+        for job_id in store.orphaned_jobs():
+            attempts = store.internal(job_id)["attempts"]
+            if attempts >= MAX_ATTEMPTS:
+                fail(store, job_id, JobError(
+                    type="WorkerLost", message=f"the job was interrupted {attempts} times "
+                    "(its worker died each time); not retried again",
+                    details={"attempts": attempts}))
+                continue
+            record = store.requeue_orphan(job_id)
+            if record is None:
+                continue  # another reaper, or a redelivery, got there first
+            queue = store.internal(job_id)["queue"] or "cpu"
+            log.warning("job %s: its worker died; requeued on %s", job_id, queue)
+            self.app.send_task(RUN_JOB, args=[job_id], queue=queue)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        try:
+            context()[1].worker_gone(self.worker_name)
+        except Exception:
+            log.warning("cannot remove the worker record", exc_info=True)
+
+
+_liveness: Liveness | None = None
+
+
+@worker_ready.connect
+def _start(sender: Any, **_: Any) -> None:
+    global _liveness
+    queues = sorted(q.name for q in sender.task_consumer.queues)
+    _liveness = Liveness(sender.app, sender.hostname, queues)
+    _liveness.start()
+
+
+@worker_shutdown.connect
+def _stop(**_: Any) -> None:
+    if _liveness is not None:
+        _liveness.stop()
