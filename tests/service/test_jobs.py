@@ -1,0 +1,271 @@
+"""Jobs through the whole service: an API process, real Celery worker processes, real Redis.
+
+End to end over HTTP with SSE progress and a `transformers` load of the output; cancel in the
+middle of a merge; a worker killed with SIGKILL in the middle of a merge, its job finished by
+new workers with a byte-identical output, never run by two workers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import signal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from api.client import ServiceClient, parse_sse
+from merge_service.engine import run_merge
+from merge_service.spec import spec_from_dict
+from tests.conftest import assert_nothing_written, leftovers, read_tensors
+from tests.service.conftest import (
+    KEYS,
+    Inputs,
+    Service,
+    redis_url,
+    service_env,
+    slow_spec,
+    spec_body,
+    start_worker,
+    wait_for,
+)
+from workers.celery_app import RUN_JOB, make_celery
+from workers.jobs import ACTIVE, JobStore
+from workers.redis_server import EmbeddedRedis
+
+pytestmark = pytest.mark.slow
+
+
+def submit(service: Service, body: dict[str, Any], role: str = "submit") -> dict[str, Any]:
+    with service.client(role) as http:
+        response = http.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def test_end_to_end_over_http_with_sse(service: Service, minilm_inputs: Inputs,
+                                       tmp_path: Path, hf_offline: None) -> None:
+    destination = tmp_path / "merged"
+    job = submit(service, spec_body(minilm_inputs, destination, name="e2e"))
+
+    # raw SSE, as a browser's EventSource reads it
+    with service.client("read") as http, http.stream(
+            "GET", f"/v1/jobs/{job['id']}/events", timeout=120) as stream:
+        assert stream.status_code == 200
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        events = list(parse_sse(stream.iter_lines()))
+    states = [e["data"]["status"] for e in events if e["type"] == "state"]
+    assert states == ["queued", "validating", "running", "succeeded"]
+    merging = [e["data"] for e in events if e["type"] == "progress"
+               and e["data"]["stage"] == "merging"]
+    assert len(merging) > 50  # per tensor
+    assert [p["done"] for p in merging] == sorted(p["done"] for p in merging)
+    assert merging[-1]["done"] == merging[-1]["total"]
+    assert all(e["id"] for e in events)
+
+    # resuming after the third event replays exactly the rest
+    with service.client("read") as http:
+        rest = http.get(f"/v1/jobs/{job['id']}/events",
+                        headers={"Last-Event-ID": events[2]["id"]})
+    assert [e["id"] for e in parse_sse(iter(rest.text.splitlines()))] \
+        == [e["id"] for e in events[3:]]
+
+    with service.client("read") as http:
+        record = http.get(f"/v1/jobs/{job['id']}").json()
+        report = http.get(f"/v1/jobs/{job['id']}/report").json()
+        listed = http.get("/v1/jobs", params={"name": "e2e", "status": "succeeded"}).json()
+    assert record["status"] == "succeeded"
+    assert record["worker"] == service.workers[0].args[2]
+    assert record["result"]["destination"] == str(destination)
+    assert record["result"]["url"] is None and record["result"]["revision"] is None
+    assert "model.safetensors.index.json" in record["result"]["files"]  # 40 MB shards
+    assert record["progress"]["stage"] == "finalizing"
+    assert record["started_at"] <= record["finished_at"]
+    assert record["error"] is None
+    assert report == json.loads((destination / "merge_report.json").read_text())
+    assert [j["id"] for j in listed["jobs"]] == [job["id"]]
+
+    # the output is the library's output, and loads with transformers
+    from transformers import AutoModel
+
+    reference = run_merge(spec_from_dict(spec_body(minilm_inputs, tmp_path / "reference")))
+    ours, theirs = read_tensors(destination), read_tensors(reference.destination)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    model = AutoModel.from_pretrained(destination)
+    assert model.config.hidden_size == 384
+
+    # no key in any log
+    logs = service.api.output() + service.worker_logs()
+    assert "POST /v1/jobs HTTP/1.1\" 202" in logs
+    for key in KEYS.values():
+        assert key not in logs
+
+
+def test_submit_wait_from_the_command_line(service: Service, minilm_inputs: Inputs,
+                                           tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from merge_service.cli import main as cli
+
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(spec_body(minilm_inputs, "out/merged", name="cli")))
+    monkeypatch.chdir(tmp_path)  # a relative destination is the caller's
+    monkeypatch.setenv("MERGE_SERVICE_API_URL", service.url)
+    monkeypatch.setenv("MERGE_SERVICE_API_KEY", KEYS["submit"])
+    assert cli(["submit", str(spec), "--wait", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("succeeded: job ")
+    assert f"-> {tmp_path / 'out' / 'merged'}" in out
+    assert (tmp_path / "out" / "merged" / "model.safetensors.index.json").is_file()
+
+    # a spec the service refuses: exit 1, every problem listed
+    spec.write_text(json.dumps(spec_body(minilm_inputs, "out/merged", method="nope")))
+    assert cli(["submit", str(spec)]) == 1
+    err = capsys.readouterr().err
+    assert "unknown method 'nope'" in err and "already exists" in err
+    # a read key cannot submit
+    monkeypatch.setenv("MERGE_SERVICE_API_KEY", KEYS["read"])
+    spec.write_text(json.dumps(spec_body(minilm_inputs, "out/other")))
+    assert cli(["submit", str(spec)]) == 1
+    assert "Forbidden" in capsys.readouterr().err
+
+
+def test_cancel_in_the_middle(service: Service, minilm_inputs: Inputs, tmp_path: Path) -> None:
+    destination = tmp_path / "cancelled"
+    job = submit(service, slow_spec(minilm_inputs, destination))
+    wait_for(lambda: service.store.get(job["id"]).progress.done >= 5, timeout=120,
+             interval=0.02, what="the merge to be under way")
+    with service.client("submit") as http:
+        response = http.post(f"/v1/jobs/{job['id']}/cancel")
+    assert response.status_code == 202
+    record = service.wait_terminal(job["id"])
+    assert record.status == "cancelled"
+    assert 5 <= record.progress.done < record.progress.total
+    assert record.result is None and record.error is None
+    assert_nothing_written(destination)
+    with service.client("read") as http:
+        assert http.get(f"/v1/jobs/{job['id']}/report").status_code == 409
+
+    # the worker is free for the next job
+    follow_up = submit(service, spec_body(minilm_inputs, tmp_path / "next"))
+    assert service.wait_terminal(follow_up["id"]).status == "succeeded"
+
+
+def test_a_failed_job_records_its_error_and_can_be_retried(service: Service,
+                                                           minilm_inputs: Inputs,
+                                                           tmp_path: Path) -> None:
+    # passes the API's preflight, then its input disappears before the worker runs it
+    task = tmp_path / "vanishing"
+    task.mkdir()
+    for f in minilm_inputs.models[0].iterdir():
+        (task / f.name).symlink_to(f)
+    body = spec_body(minilm_inputs, tmp_path / "out")
+    body["models"][0]["source"] = str(task)
+    with service.client("submit") as http:
+        service.workers[0].kill(signal.SIGSTOP)  # hold the worker while the input goes
+        try:
+            job = http.post("/v1/jobs", json=body).json()
+            (task / "model.safetensors").unlink()
+        finally:
+            service.workers[0].kill(signal.SIGCONT)
+        record = service.wait_terminal(job["id"])
+        assert record.status == "failed"
+        assert record.error is not None and record.error.type == "PreflightError"
+        assert "vanishing" in record.error.message
+        problems = record.error.details["problems"]
+        assert problems and problems[0]["model"] == "vanishing"
+        assert "Traceback" not in json.dumps(record.model_dump(mode="json"))
+
+        (task / "model.safetensors").symlink_to(minilm_inputs.models[0] / "model.safetensors")
+        retried = http.post(f"/v1/jobs/{job['id']}/retry")
+        assert retried.status_code == 202
+        assert service.wait_terminal(retried.json()["id"]).status == "succeeded"
+
+
+def test_a_killed_worker_s_job_is_finished_by_another(
+        redis_server: EmbeddedRedis, minilm_inputs: Inputs, tmp_path: Path) -> None:
+    url = redis_url(redis_server, 3)
+    store = JobStore.from_url(url)
+    store.r.flushdb()
+    env = service_env(url, tmp_path / "data")
+    first = start_worker(env, store, tmp_path, f"doomed-{secrets.token_hex(3)}@test")
+    workers = [first]
+    try:
+        destination = tmp_path / "merged"
+        from fastapi.testclient import TestClient
+
+        from api.app import create_app
+        from tests.service.conftest import service_settings
+
+        with TestClient(create_app(service_settings(url, tmp_path / "data"))) as http:
+            job = http.post("/v1/jobs", json=slow_spec(minilm_inputs, destination)).json()
+        total = wait_for(lambda: (progress := store.get(job["id"]).progress).stage
+                         == "merging" and progress.total, timeout=120, interval=0.02,
+                         what="the merge to start")
+        wait_for(lambda: store.get(job["id"]).progress.done >= total // 3, timeout=120,
+                 interval=0.02, what="a third of the merge")
+        first.kill(signal.SIGKILL)  # the worker and its pool child, mid-merge
+        first.process.wait()
+        assert store.get(job["id"]).status in ACTIVE
+        assert leftovers(destination)  # the killed attempt's temporary directory
+
+        # two new workers, and a duplicate delivery of the job on top of the reaper's requeue
+        workers += [start_worker(env, store, tmp_path, f"heir{i}-{secrets.token_hex(3)}@test")
+                    for i in (1, 2)]
+        make_celery(service_settings(url, tmp_path)).send_task(RUN_JOB, args=[job["id"]],
+                                                                queue="cpu")
+        record = wait_for(lambda: (r := store.get(job["id"])) and r.status == "succeeded" and r,
+                          timeout=180, interval=0.1, what="the job to finish")
+    finally:
+        for worker in workers:
+            worker.stop()
+    logs = "\n".join(w.output() for w in workers)
+
+    states = [e.data for e in store.events(job["id"]) if e.type == "state"]
+    statuses = [s["status"] for s in states]
+    assert statuses.count("validating") == 2, (statuses, logs[-4000:])  # run twice, not thrice
+    assert statuses[-1] == "succeeded" and statuses.count("succeeded") == 1
+    assert record.worker != first.args[2]
+    assert store.internal(job["id"])["attempts"] == 2
+    # one worker ran it at a time: every start follows a requeue or is the first
+    starts = [i for i, s in enumerate(statuses) if s == "validating"]
+    assert statuses[starts[1] - 1] == "queued" or "redelivered" in logs
+    assert "dropped" in logs or "already succeeded" in logs  # the duplicate delivery
+
+    # byte-identical to an uninterrupted run; nothing left behind
+    assert leftovers(destination) == []
+    reference = run_merge(spec_from_dict(slow_spec(minilm_inputs, tmp_path / "reference")))
+    files = sorted(str(p.relative_to(destination)) for p in destination.rglob("*")
+                   if p.is_file())
+    assert files == sorted(str(p.relative_to(reference.destination))
+                           for p in reference.destination.rglob("*") if p.is_file())
+    for name in files:
+        ours = (destination / name).read_bytes()
+        theirs = (reference.destination / name).read_bytes()
+        if name == "merge_report.json":  # timings and peak memory differ from run to run
+            ours_json, theirs_json = json.loads(ours), json.loads(theirs)
+            for volatile in ("timings_s", "peak_memory"):
+                ours_json.pop(volatile), theirs_json.pop(volatile)
+            assert ours_json == theirs_json
+        elif name == "merge_spec.yaml":  # only the destination differs
+            assert ours.replace(b"merged", b"reference") == theirs
+        else:
+            assert ours == theirs, name
+
+
+def test_job_records_survive_an_api_restart(service: Service, minilm_inputs: Inputs,
+                                            tmp_path: Path) -> None:
+    job = submit(service, spec_body(minilm_inputs, tmp_path / "out"))
+    service.wait_terminal(job["id"])
+    service.api.stop()
+    from tests.service.conftest import start_api
+
+    service.api, service.url = start_api(service.env, service.logs)
+    with ServiceClient(service.url, KEYS["read"]) as client:
+        assert client.job(job["id"])["status"] == "succeeded"
+    with httpx.Client(base_url=service.url) as http:
+        assert http.get("/readyz").status_code == 200

@@ -1,0 +1,146 @@
+"""`merge-service up` as a user runs it: embedded Redis, API and worker from one command; a
+merge submitted with `merge-service submit --wait`; Ctrl-C stops everything; the job records
+are still there at the next start."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service.conftest import Inputs, Process, spec_body, wait_for
+from workers.redis_server import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def service_processes(up_log: str, data_dir: Path) -> list[int]:
+    """The embedded Redis (by its port, from the banner) and the worker processes (by their
+    environment)."""
+    match = re.search(r"redis://127\.0\.0\.1:(\d+)/0", up_log)
+    assert match, up_log
+    redis_title = f"127.0.0.1:{match[1]}"
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if ("redis-server" in cmdline and redis_title in cmdline) or (
+                "worker" in cmdline and f"MERGE_SERVICE_DATA_DIR={data_dir}".encode() in environ):
+            found.append(int(entry.name))
+    return found
+
+
+def start_up(env: dict[str, str], port: int, log: Path) -> tuple[Process, str]:
+    up = Process(["up", "--port", str(port)], env, log).start()
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert up.alive(), up.output()[-3000:]
+        try:
+            return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(ready, timeout=120, interval=0.2, what="merge-service up")
+    return up, url
+
+
+def interrupt(up: Process, sig: int = signal.SIGINT) -> int:
+    """Ctrl-C: SIGINT to `up` alone (it stops its children itself)."""
+    assert up.process is not None
+    up.process.send_signal(sig)
+    return up.process.wait(60)
+
+
+def test_up_submit_wait_ctrl_c_and_restart(minilm_inputs: Inputs, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MERGE_SERVICE_")}
+    env |= {"MERGE_SERVICE_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1"}
+    port = free_port()
+    up, url = start_up(env, port, tmp_path / "up.log")
+    try:
+        banner = up.output()
+        assert f"API:    {url}" in banner and "embedded" in banner
+
+        spec = tmp_path / "spec.yaml"
+        spec.write_text(json.dumps(spec_body(minilm_inputs, tmp_path / "merged")))
+        submitted = subprocess.run(
+            [sys.executable, "-m", "merge_service.cli", "submit", str(spec), "--wait",
+             "--url", url, "--json"], env=env, capture_output=True, text=True, timeout=300)
+        assert submitted.returncode == 0, submitted.stderr
+        record = json.loads(submitted.stdout)
+        assert record["status"] == "succeeded"
+        assert "job " in submitted.stderr
+        assert (tmp_path / "merged" / "config.json").is_file()
+        running = service_processes(up.output(), data_dir)
+        assert len(running) >= 2  # Redis, the worker (and its pool child)
+
+        assert interrupt(up) == 0
+        assert service_processes(up.output(), data_dir) == []  # all stopped
+        assert "stopping" in up.output()
+
+        up, url = start_up(env, port, tmp_path / "up2.log")  # the records survived
+        job = httpx.get(f"{url}/v1/jobs/{record['id']}").json()
+        assert job["status"] == "succeeded"
+        assert job["result"] == record["result"]
+        assert interrupt(up, signal.SIGTERM) == 0  # as docker or systemd stop it
+        assert service_processes(up.output(), data_dir) == []
+    finally:
+        up.stop()
+
+
+def test_a_second_up_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
+    from merge_service.cli import main as cli
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    import fcntl
+
+    with (data_dir / "up.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        env_before = os.environ.get("MERGE_SERVICE_DATA_DIR")
+        os.environ["MERGE_SERVICE_DATA_DIR"] = str(data_dir)
+        try:
+            assert cli(["up", "--port", str(free_port())]) == 1
+        finally:
+            if env_before is None:
+                os.environ.pop("MERGE_SERVICE_DATA_DIR")
+            else:
+                os.environ["MERGE_SERVICE_DATA_DIR"] = env_before
+
+
+def test_up_restarts_a_dead_worker_and_leaves_nothing_when_killed(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MERGE_SERVICE_")}
+    env |= {"MERGE_SERVICE_DATA_DIR": str(data_dir), "MERGE_SERVICE_HEARTBEAT_SECONDS": "1",
+            "PYTHONUNBUFFERED": "1"}
+    up, url = start_up(env, free_port(), tmp_path / "up.log")
+    try:
+        first = httpx.get(f"{url}/readyz").json()["workers"][0]["pid"]
+        os.kill(first, signal.SIGKILL)
+
+        def restarted() -> bool:
+            workers = httpx.get(f"{url}/readyz").json()["workers"]
+            return any(w["pid"] != first for w in workers)
+
+        wait_for(restarted, timeout=120, interval=0.2, what="a new worker")
+        assert "restarting it" in up.output()
+        up.kill(signal.SIGKILL)  # no chance to clean up: its children go with it
+        assert up.process is not None and up.process.wait(10) == -signal.SIGKILL
+        wait_for(lambda: service_processes(up.output(), data_dir) == [], timeout=60,
+                 interval=0.2, what="Redis and the worker to exit")
+    finally:
+        up.stop()
