@@ -21,9 +21,10 @@ setup: $(VENV)/.setup
 
 setup-test: $(VENV)/.setup-test
 
-## a real merge on embedded defaults: MiniLM task models merged with TSV through the CLI
+## the service on embedded defaults (merge-service up), a real TSV merge of MiniLM task models
+## submitted through its REST API; examples/demo.py does the same merge through the CLI
 demo: setup-test
-	HF_HUB_OFFLINE=1 $(PY) examples/demo.py
+	HF_HUB_OFFLINE=1 $(PY) examples/demo_service.py
 
 test: setup-test
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
