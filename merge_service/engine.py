@@ -53,6 +53,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 @dataclass(frozen=True)
 class Progress:
     stage: str  # resolving | preflight | merging | finalizing | pushing (hub:// destinations)
+    # adarank adds factorizing (per tensor) and optimizing (per step) before merging
     done: int
     total: int
     current: str | None = None
@@ -162,6 +163,8 @@ def prepare(spec: JobSpec, *, overwrite: bool = False, hub: HubOptions | None = 
 
     is_lora = bool(inputs) and all(i.is_lora for i in inputs)
     space = effective_space(spec, is_lora)
+    if is_lora and spec.space == "auto" and getattr(method, "whole_model", False):
+        space = "full"  # adarank factors LoRA inputs itself (from B_t, A_t), in full space
     problems += input_kind_problems(inputs, spec)
     problems += output_problems(spec, method, is_lora)
     problems += space_problems(spec, method, space, is_lora, target_rank)
@@ -171,6 +174,11 @@ def prepare(spec: JobSpec, *, overwrite: bool = False, hub: HubOptions | None = 
             problems += (lora_adapter_problems(base, identity, task) if task.is_lora
                          else full_checkpoint_problems(base, task))
         problems += selection_problems(spec, list(base.tensors))
+    if method is not None and getattr(method, "whole_model", False):
+        # AdaRank: calibration data, model family, heads, tokenizer (METHODS.md section 12)
+        problems += method.whole_model_problems(  # type: ignore[attr-defined]
+            spec, resolved[0].path if base is not None and resolved[0] else None,
+            base.tensors if base is not None else None, inputs)
 
     if problems or method is None or device is None or base is None:
         for task in inputs:
@@ -215,6 +223,9 @@ def execute(prepared: PreparedMerge, *, overwrite: bool = False,
     started = time.perf_counter()
     fmt = p.spec.output.format
     tensor_report: dict[str, dict[str, Any]] = {}
+    # whole-model methods (adarank) learn the merge first; the loop below writes its tensors
+    whole = p.method.optimize(p, report, cancelled) \
+        if getattr(p.method, "whole_model", False) else None  # type: ignore[attr-defined]
     sink = LocalDirectorySink(p.destination, overwrite=overwrite)
     with sink as tmp:
         writer = ShardedSafetensorsWriter(tmp, "model", p.spec.output.shard_bytes) \
@@ -234,6 +245,9 @@ def execute(prepared: PreparedMerge, *, overwrite: bool = False,
             if name not in merged:
                 if writer is not None:
                     writer.add(name, _cast_output(p.base.get(name), p.output_dtype))
+            elif whole is not None:
+                out.add_merged(p, name, whole.tensor(name))
+                tensor_report[name] = whole.info(name)
             elif p.space in {"core", "knots"} and _lora_only(p, name):
                 tensor_report[name] = _merge_lora_module(p, name, out)
             else:
@@ -261,6 +275,8 @@ def execute(prepared: PreparedMerge, *, overwrite: bool = False,
                    "finalize_s": time.perf_counter() - started - merge_s}
         timings["total_s"] = sum(timings.values())
         full_report = _report(p, tensor_report, timings, out)
+        if whole is not None:
+            full_report[p.method.name] = whole.report
         write_json(tmp / "merge_report.json", full_report)
         (tmp / "README.md").write_text(_model_card(p))
         files += ["merge_spec.yaml", "merge_report.json", "README.md"]
