@@ -19,6 +19,7 @@ from api.auth import parse_api_keys
 from api.errors import ApiError, BadRequest, ErrorBody, ErrorResponse, Invalid
 from api.metrics import ApiMetrics, MetricsMiddleware
 from api.routes import router
+from api.schedules import router as schedules_router
 from api.service import JobService
 from merge_service import __version__
 from merge_service.errors import Problem
@@ -58,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = JobService(settings, store, make_celery(settings), metrics)
     app.state.metrics = metrics
     app.include_router(router)
+    app.include_router(schedules_router)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)

@@ -1,5 +1,5 @@
-"""The service commands of `merge-service`: `up`, `api`, `worker`, `submit` (DESIGN.md
-section 3). Heavy imports (FastAPI, Celery, uvicorn) stay inside the commands so that
+"""The service commands of `merge-service`: `up`, `api`, `worker`, `scheduler`, `submit`
+(DESIGN.md section 3). Heavy imports (FastAPI, Celery, uvicorn) stay inside the commands so that
 `merge-service merge` starts as fast as before."""
 
 from __future__ import annotations
@@ -42,6 +42,11 @@ def add_service_commands(sub: Any) -> None:
     worker.add_argument("--name", help="node name (default merge-PID@HOST)")
     worker.add_argument("--log-level", default="info")
     worker.set_defaults(func=cmd_worker)
+
+    scheduler = sub.add_parser("scheduler", help="fire the scheduled merges (Celery beat "
+                               "on Redis; several may run, one fires at a time)")
+    scheduler.add_argument("--log-level", default="info")
+    scheduler.set_defaults(func=cmd_scheduler)
 
     submit = sub.add_parser("submit", help="submit a job spec to a running service")
     submit.add_argument("spec", help="job spec (YAML or JSON)")
@@ -148,6 +153,14 @@ def _redacted(url: str) -> str:
     if parts.password:
         return url.replace(f":{parts.password}@", ":***@", 1)
     return url
+
+
+# --- scheduler -----------------------------------------------------------------------------
+
+def cmd_scheduler(args: argparse.Namespace) -> int:
+    from workers.schedules.beat import run_scheduler
+
+    return run_scheduler(args.log_level)
 
 
 # --- up ------------------------------------------------------------------------------------

@@ -301,6 +301,8 @@ def execute(prepared: PreparedMerge, *, overwrite: bool = False,
 def _commit_message(p: PreparedMerge) -> tuple[str, str]:
     """Title and description of the Hub commit: the method and every input, pinned."""
     title = f"merge-service: {p.method.name} merge of {len(p.inputs)} models"
+    if p.spec.name:  # e.g. the schedule that submitted the job
+        title += f" ({p.spec.name})"
     lines = [f"base: {p.resolved_spec.base}"] + [
         f"- {t.name}: {t.source.pinned} (weight {t.weight:g})" for t in p.inputs]
     return title, "\n".join(lines)

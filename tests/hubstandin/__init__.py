@@ -22,6 +22,7 @@ import pytest
 from tests.hubstandin.server import (
     CDN,
     HUB,
+    Collection,
     Commit,
     HubStandIn,
     Incoming,
@@ -36,8 +37,8 @@ from tests.hubstandin.server import (
     route,
 )
 
-__all__ = ["CDN", "HUB", "Commit", "HubStandIn", "Incoming", "RecordedRequest", "Refused", "Repo",
-           "RepoFile", "Response", "git_blob_sha", "hub", "hub_error",
+__all__ = ["CDN", "HUB", "Collection", "Commit", "HubStandIn", "Incoming", "RecordedRequest",
+           "Refused", "Repo", "RepoFile", "Response", "git_blob_sha", "hub", "hub_error",
            "isolate_hf_environment", "json_response", "route"]
 
 # Read by huggingface_hub at call time from the environment.

@@ -10,6 +10,8 @@ What it mirrors of the Hub, as read from huggingface_hub 2.x (`hf_api.py`, `file
 
 - `GET /api/models/{repo}[/revision/{rev}]`: model info (`id`, `sha`, `siblings`, ...).
 - `GET /api/models/{repo}/tree/{rev}[/{path}]`: the listing `snapshot_download` filters.
+- `GET /api/collections/{namespace}/{slug}`: a collection and its items (`get_collection`);
+  build them with `add_collection` / `add_collection_item` / `remove_collection_item`.
 - `HEAD|GET /{repo}/resolve/{rev}/{path}`: regular (git) files are answered directly with
   `ETag` = git blob sha and `X-Repo-Commit`; LFS files (weights) answer `302` to a second server
   standing in for the CDN, with `X-Linked-Etag` (sha256), `X-Linked-Size` and `Location`, as the
@@ -118,6 +120,23 @@ class Commit:
     message: str
     parent: str | None
     date: datetime
+
+
+@dataclass
+class Collection:
+    """A Hub collection: an ordered list of `(item_type, item_id)`."""
+
+    slug: str
+    object_id: str
+    namespace: str
+    title: str
+    private: bool = False
+    readers: set[str] = field(default_factory=set)
+    items: list[tuple[str, str]] = field(default_factory=list)
+    updated: datetime = _EPOCH
+
+    def touch(self) -> None:
+        self.updated = datetime.now(UTC).replace(microsecond=0)
 
 
 @dataclass
@@ -258,6 +277,7 @@ class HubStandIn:
         self._servers: dict[str, ThreadingHTTPServer] = {}
         self._connections: set[socket.socket] = set()
         self._commit_count = 0
+        self._collections: dict[str, Collection] = {}  # slug -> collection
         self._routes = [(server, method, pattern, name, getattr(self, name))
                         for name in dir(type(self))
                         for server, method, pattern in getattr(getattr(type(self), name),
@@ -381,6 +401,35 @@ class HubStandIn:
         """Let `token` create and change repos under `namespace` (its user's is always allowed)."""
         with self._lock:
             self._writable.setdefault(token, set()).add(namespace)
+
+    def add_collection(self, namespace: str, title: str, items: Iterable[str] = (), *,
+                       private: bool = False, readers: Iterable[str] = ()) -> str:
+        """A collection owned by `namespace` holding the model repos `items` (in that order);
+        return its slug `namespace/<title as a slug>-<24 hex>`, as the Hub makes them.
+        `private`: RepoNotFound-like 404 without a token in `readers`."""
+        with self._lock:
+            words = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") or "collection"
+            object_id = hashlib.sha1(f"{namespace}\0{title}\0{len(self._collections)}"
+                                     .encode()).hexdigest()[:24]
+            slug = f"{namespace}/{words}-{object_id}"
+            self._collections[slug] = Collection(slug, object_id, namespace, title, private,
+                                                 set(readers))
+            for item in items:
+                self.add_collection_item(slug, item)
+            return slug
+
+    def add_collection_item(self, slug: str, item_id: str, item_type: str = "model") -> None:
+        """Append an item (a model repo id, or any id with another `item_type`)."""
+        with self._lock:
+            collection = self._collections[slug]
+            collection.items.append((item_type, item_id))
+            collection.touch()
+
+    def remove_collection_item(self, slug: str, item_id: str) -> None:
+        with self._lock:
+            collection = self._collections[slug]
+            collection.items = [i for i in collection.items if i[1] != item_id]
+            collection.touch()
 
     def fail_next(self, endpoint: str, response: Response, times: int = 1) -> None:
         """Answer the next `times` requests to `endpoint` (a method name such as
@@ -597,6 +646,37 @@ class HubStandIn:
     def _may_write(self, token: str | None, namespace: str) -> bool:
         return token is not None and token in self._tokens and (
             namespace == self._tokens[token] or namespace in self._writable.get(token, set()))
+
+    @route("GET", r"/api/collections/(?P<slug>[\w.-]+/[\w.-]+-[0-9a-f]{24})")
+    def _collection(self, request: Incoming, slug: str) -> Response:
+        """`HfApi.get_collection`: the collection with its items, as the Hub lists them."""
+        token = request.token
+        if token is not None and token not in self._tokens:
+            raise Refused(hub_error(401, None, "Invalid credentials in Authorization header"))
+        collection = self._collections.get(slug)
+        if collection is None or (collection.private and token not in collection.readers):
+            return hub_error(404, None, "Collection not found")
+        items = []
+        for position, (item_type, item_id) in enumerate(collection.items):
+            item: dict[str, Any] = {
+                "_id": hashlib.sha1(f"{slug}\0{item_id}".encode()).hexdigest()[:24],
+                "id": item_id, "type": item_type, "position": position}
+            repo = self._repos.get(item_id) if item_type == "model" else None
+            if repo is not None:
+                head = repo.commits[repo.branches[repo.default_branch]]
+                item |= {"author": item_id.split("/")[0], "repoType": "model",
+                         "private": repo.private, "gated": repo.gated, "downloads": 0,
+                         "likes": 0, "isLikedByUser": False,
+                         "lastModified": _iso(head.date)}
+            items.append(item)
+        owner = collection.namespace
+        return json_response({
+            "slug": slug, "id": collection.object_id, "title": collection.title,
+            "description": None, "owner": {"_id": hashlib.sha1(owner.encode()).hexdigest()[:24],
+                                           "name": owner, "fullname": owner, "type": "user"},
+            "items": items, "lastUpdated": _iso(collection.updated), "position": 0,
+            "private": collection.private, "theme": "indigo", "upvotes": 0,
+            "isUpvotedByUser": False, "shareUrl": f"{self.url}/collections/{slug}"})
 
     # endpoints: writes
 

@@ -1,0 +1,546 @@
+"""Scheduled merges against a real Redis, a real worker and real scheduler processes
+(`merge-service scheduler`, Celery beat on celery-redbeat) with seconds-level schedules
+(`every_seconds`); the API in-process. Collections: local directories of PEFT adapters of
+MiniLM (saved by `peft`), and a Hub collection on the HTTP stand-in of the Hub, which the real
+`huggingface_hub` client reads.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import secrets
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+from safetensors.torch import load_file, save_file
+
+from api.app import create_app
+from tests.hubstandin import HubStandIn, isolate_hf_environment
+from tests.service.conftest import (
+    API_KEYS,
+    KEYS,
+    Process,
+    redis_url,
+    service_env,
+    service_settings,
+    start_worker,
+    wait_for,
+)
+from workers.jobs import TERMINAL, JobRecord, JobStore
+from workers.redis_server import EmbeddedRedis
+from workers.schedules.collections import content_hash
+from workers.schedules.store import ScheduleStore, make_beat_app
+
+pytestmark = pytest.mark.slow
+DB = 11
+HF_TOKEN = f"hf_sched_{secrets.token_hex(8)}"
+HF_USER = "merger"
+
+
+@dataclass
+class Env:
+    client: TestClient
+    store: JobStore
+    schedules: ScheduleStore
+    env: dict[str, str]
+    root: Path
+    hub: HubStandIn
+    base: Path
+    adapters: dict[str, Path]
+    schedulers: list[Process] = field(default_factory=list)
+    workers: list[Process] = field(default_factory=list)
+
+    def headers(self, role: str = "submit") -> dict[str, str]:
+        return {"Authorization": f"Bearer {KEYS[role]}"}
+
+    def post(self, path: str, role: str = "submit", **kwargs: Any) -> Any:
+        return self.client.post(path, headers=self.headers(role), **kwargs)
+
+    def get(self, path: str, role: str = "read", **kwargs: Any) -> Any:
+        return self.client.get(path, headers=self.headers(role), **kwargs)
+
+    def runs(self, schedule_id: str) -> list[dict[str, Any]]:
+        response = self.get(f"/v1/schedules/{schedule_id}/runs", params={"limit": 500})
+        assert response.status_code == 200, response.text
+        return response.json()["runs"]
+
+    def wait_runs(self, schedule_id: str, count: int, timeout: float = 90) -> list[dict]:
+        try:
+            return wait_for(lambda: (r := self.runs(schedule_id)) and len(r) >= count and r,
+                            timeout=timeout, interval=0.2, what=f"{count} run(s)")
+        except TimeoutError:
+            print(self.logs())
+            raise
+
+    def wait_job(self, job_id: str, timeout: float = 120) -> JobRecord:
+        def ended() -> JobRecord | None:
+            record = self.store.get(job_id)
+            return record if record and record.status in TERMINAL else None
+
+        try:
+            return wait_for(ended, timeout=timeout, interval=0.2, what=f"job {job_id}")
+        except TimeoutError:
+            print(self.logs())
+            raise
+
+    def start_scheduler(self, name: str) -> Process:
+        scheduler = Process(["scheduler"], self.env, self.root / f"{name}.log").start()
+        self.schedulers.append(scheduler)
+        return scheduler
+
+    def logs(self) -> str:
+        return "\n".join(p.output()[-4000:] for p in [*self.schedulers, *self.workers])
+
+
+@pytest.fixture(scope="module")
+def env(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory,
+        minilm_dir: Path, minilm_adapters: dict[str, Path]) -> Iterator[Env]:
+    url = redis_url(redis_server, DB)
+    root = tmp_path_factory.mktemp("schedules")
+    store = JobStore.from_url(url)
+    store.r.flushdb()
+    with HubStandIn() as hub, pytest.MonkeyPatch.context() as monkeypatch:
+        hub.add_token(HF_TOKEN, HF_USER)
+        isolate_hf_environment(monkeypatch, root / "hf-home", hub.url)
+        from huggingface_hub import constants
+
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")  # the stand-in speaks LFS uploads
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        hub_settings = {"MERGE_SERVICE_HF_ENDPOINT": hub.url, "MERGE_SERVICE_HF_TOKEN": HF_TOKEN,
+                        "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
+                        "HF_HOME": str(root / "hf-home-procs")}
+        env_vars = service_env(url, root / "data", MERGE_SERVICE_API_KEYS=API_KEYS,
+                               **hub_settings)
+        app = create_app(service_settings(url, root / "data", api_keys=API_KEYS,
+                                          hf_endpoint=hub.url, hf_token=HF_TOKEN))
+        with TestClient(app) as client:
+            environment = Env(client, store, ScheduleStore(store, make_beat_app(
+                service_settings(url, root / "data"))), env_vars, root, hub, minilm_dir,
+                minilm_adapters)
+            try:
+                environment.workers.append(start_worker(
+                    env_vars, store, root, f"sw-{secrets.token_hex(3)}@test"))
+                environment.start_scheduler("scheduler-1")
+                yield environment
+            finally:
+                for process in [*environment.schedulers, *environment.workers]:
+                    process.stop()
+        assert not hub.unhandled, [f"{r.method} {r.path}" for r in hub.unhandled]
+
+
+def copy_adapter(source: Path, target: Path, **config: Any) -> Path:
+    """A copy of a peft-saved adapter, with `config` changed in its adapter_config.json."""
+    shutil.copytree(source, target)
+    if config:
+        path = target / "adapter_config.json"
+        path.write_text(json.dumps(json.loads(path.read_text()) | config))
+    return target
+
+
+def retrain(adapter: Path, factor: float) -> None:
+    """A new version of an adapter: every lora_B factor scaled."""
+    path = adapter / "adapter_model.safetensors"
+    tensors = {k: (v * factor if "lora_B" in k else v) for k, v in load_file(path).items()}
+    save_file(tensors, path)
+
+
+def schedule_body(env: Env, name: str, collection: dict[str, Any], destination: str, *,
+                  every_seconds: int | None = 2, paused: bool = False, **extra: Any
+                  ) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "name": name, "base": str(env.base), "collection": collection,
+        "template": {"method": {"name": "task_arithmetic"}, "output": {"format": "lora"},
+                     "options": {"device": "cpu"}},
+        "destination": destination, "paused": paused}
+    if every_seconds is not None:
+        body["every_seconds"] = every_seconds
+    return body | extra
+
+
+def create(env: Env, body: dict[str, Any], role: str = "submit") -> dict[str, Any]:
+    response = env.post("/v1/schedules", role, json=body)
+    assert response.status_code == 201, response.text
+    assert response.headers["location"] == f"/v1/schedules/{response.json()['id']}"
+    return response.json()
+
+
+def by_name(items: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {item["name"]: item for item in items}
+
+
+# --- the API ---------------------------------------------------------------------------------
+
+def test_create_validates_every_problem_and_checks_roles(env: Env, tmp_path: Path) -> None:
+    collection_dir = tmp_path / "collection"
+    collection_dir.mkdir()
+    body = schedule_body(env, "api", {"directory": str(collection_dir)}, str(tmp_path / "out"),
+                         paused=True)
+    assert env.post("/v1/schedules", "read", json=body).status_code == 403
+    assert env.client.post("/v1/schedules", json=body).status_code == 401
+
+    bad = [
+        ({"cron": "0 2 * * *"}, "exactly one of cron, every_seconds"),
+        ({"every_seconds": None}, "exactly one of cron, every_seconds"),
+        ({"every_seconds": None, "cron": "61 * * * *"}, "cron '61 * * * *'"),
+        ({"every_seconds": None, "cron": "* * * *"}, "expected 5 fields"),
+        ({"every_seconds": 0}, "greater than or equal to 1"),
+        ({"collection": {"directory": "relative/dir"}}, "absolute path"),
+        ({"collection": {"directory": str(collection_dir), "sources": ["a/b", "c/d"]}},
+         "exactly one of hub_collection, sources, directory"),
+        ({"collection": {"hub_collection": "org/no-id"}}, "not a collection slug"),
+        ({"destination": "out"}, "hub://org/name or an absolute local directory"),
+        ({"typo": 1}, "unknown field"),
+    ]
+    for change, message in bad:
+        response = env.post("/v1/schedules", json=body | change)
+        assert response.status_code == 422, (change, response.text)
+        error = response.json()["error"]
+        assert any(message in p["message"] for p in error["problems"]), (change, error)
+
+    # checked before anything is stored: the method, the Hub destination's token, local paths
+    response = env.post("/v1/schedules", json=body | {
+        "template": {"method": {"name": "no_such_method"}},
+        "collection": {"directory": str(tmp_path / "missing")},
+        "base": str(tmp_path / "no-base")})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["type"] == "ScheduleError"
+    fields = {p["field"] for p in error["problems"]}
+    assert {"template.method.name", "collection.directory", "base"} <= fields, error
+    assert env.get("/v1/schedules").json()["schedules"] == [] or all(
+        s["name"] != "api" for s in env.get("/v1/schedules").json()["schedules"])
+
+    schedule = create(env, body)
+    assert schedule["paused"] and schedule["every_seconds"] == 2 and schedule["last_run"] is None
+    listed = env.get("/v1/schedules").json()["schedules"]
+    assert schedule["id"] in [s["id"] for s in listed]
+    assert env.get(f"/v1/schedules/{schedule['id']}").json() == schedule
+    assert not env.schedules.entry_exists(schedule["id"])  # paused: no beat entry
+
+    # pause, resume, run, delete: the creating key or an admin
+    sid = schedule["id"]
+    for action in ("pause", "resume", "run"):
+        response = env.post(f"/v1/schedules/{sid}/{action}", "submit2")
+        assert response.status_code == 403, response.text
+        assert "only the key that created" in response.json()["error"]["message"]
+    assert env.client.delete(f"/v1/schedules/{sid}",
+                             headers=env.headers("submit2")).status_code == 403
+    assert env.post(f"/v1/schedules/{sid}/resume", "admin").json()["paused"] is False
+    assert env.schedules.entry_exists(sid)
+    assert env.post(f"/v1/schedules/{sid}/pause").json()["paused"] is True
+    assert not env.schedules.entry_exists(sid)
+    assert env.client.delete(f"/v1/schedules/{sid}", headers=env.headers("admin")
+                             ).status_code == 204
+
+    missing = env.get(f"/v1/schedules/{sid}")
+    assert missing.status_code == 404
+    assert missing.json() == {"error": {"type": "NotFound", "message": f"no schedule {sid!r}",
+                                        "problems": []}}
+    assert env.get(f"/v1/schedules/{sid}/runs").status_code == 404
+    assert env.post(f"/v1/schedules/{sid}/run").status_code == 404
+
+    paths = env.get("/openapi.json").json()["paths"]
+    assert {"post", "get"} <= set(paths["/v1/schedules"])
+    assert {"get", "delete"} <= set(paths["/v1/schedules/{schedule_id}"])
+    for action in ("run", "pause", "resume"):
+        assert "post" in paths[f"/v1/schedules/{{schedule_id}}/{action}"]
+    assert "get" in paths["/v1/schedules/{schedule_id}/runs"]
+
+
+# --- ticks of the scheduler process ----------------------------------------------------------
+
+def test_directory_schedule_runs_skips_when_unchanged_and_follows_changes(
+        env: Env, tmp_path: Path) -> None:
+    collection = tmp_path / "adapters"
+    collection.mkdir()
+    copy_adapter(env.adapters["qv"], collection / "qv")
+    copy_adapter(env.adapters["pattern"], collection / "pattern")
+    (collection / "notes.txt").write_text("not an adapter")
+    out = tmp_path / "out"
+    schedule = create(env, schedule_body(env, "nightly-dir", {"directory": str(collection)},
+                                         str(out)))
+    sid = schedule["id"]
+
+    # the first tick, one period after creation: a job pinned to the adapters' content hashes
+    first = env.wait_runs(sid, 1)[-1]
+    assert first["status"] == "submitted" and first["trigger"] == "schedule", first
+    assert sorted(first["merged"]) == ["pattern", "qv"]
+    pinned = by_name(first["adapters"])
+    for name in ("qv", "pattern"):
+        assert pinned[name]["revision"] == content_hash(collection / name)
+        assert pinned[name]["origin"] == str(collection / name)
+        snapshot = Path(pinned[name]["source"])
+        assert pinned[name]["revision"] in snapshot.parts and content_hash(snapshot) == \
+            pinned[name]["revision"]
+    assert [i["origin"] for i in first["ignored"]] == [str(collection / "notes.txt")]
+    job = env.wait_job(first["job_id"])
+    assert job.status == "succeeded", job.error
+    assert job.schedule_id == sid and job.name == "nightly-dir"
+    assert job.result is not None and job.result.destination == str(out / first["id"])
+    merged_spec = yaml.safe_load((out / first["id"] / "merge_spec.yaml").read_text())
+    assert sorted(m["source"] for m in merged_spec["models"]) == sorted(
+        pinned[n]["source"] for n in ("qv", "pattern"))
+    assert (out / first["id"] / "adapter_model.safetensors").is_file()
+
+    # nothing changed: the next ticks are recorded as skipped, with the reason
+    def skipped_after_success() -> dict | None:
+        runs = env.runs(sid)
+        return next((r for r in runs if r["status"] == "skipped"
+                     and "unchanged since the last successful run" in r["reason"]), None)
+
+    skip = wait_for(skipped_after_success, timeout=60, interval=0.3, what="a skipped run")
+    assert first["id"] in skip["reason"] and first["job_id"] in skip["reason"]
+    assert skip["fingerprint"] == first["fingerprint"] and skip["job_id"] is None
+    assert [r["job_id"] for r in env.runs(sid) if r["job_id"]] == [first["job_id"]]
+
+    # an adapter added: a new job with three
+    copy_adapter(env.adapters["rslora"], collection / "rslora")
+    added = wait_for(lambda: next((r for r in env.runs(sid) if r["status"] == "submitted"
+                                   and len(r["merged"]) == 3), None),
+                     timeout=60, interval=0.3, what="a run with the added adapter")
+    assert added["fingerprint"] != first["fingerprint"]
+    assert env.wait_job(added["job_id"]).status == "succeeded"
+
+    # an adapter updated: a new job, the updated one at a new revision, the others as before
+    retrain(collection / "pattern", 2.0)
+    updated = wait_for(lambda: next((r for r in env.runs(sid) if r["status"] == "submitted"
+                                     and r["id"] > added["id"]), None),
+                       timeout=60, interval=0.3, what="a run with the updated adapter")
+    before, after = by_name(added["adapters"]), by_name(updated["adapters"])
+    assert after["pattern"]["revision"] != before["pattern"]["revision"]
+    assert after["pattern"]["revision"] == content_hash(collection / "pattern")
+    assert {n: after[n]["revision"] for n in ("qv", "rslora")} == \
+        {n: before[n]["revision"] for n in ("qv", "rslora")}
+    assert env.wait_job(updated["job_id"]).status == "succeeded"
+    # each run wrote its own directory
+    assert {p.name for p in out.iterdir()} >= {first["id"], added["id"], updated["id"]}
+    assert env.client.delete(f"/v1/schedules/{sid}", headers=env.headers()).status_code == 204
+
+
+def test_pause_resume_run_now_and_delete(env: Env, tmp_path: Path) -> None:
+    collection = tmp_path / "adapters"
+    collection.mkdir()
+    copy_adapter(env.adapters["qv"], collection / "qv")
+    copy_adapter(env.adapters["pattern"], collection / "pattern")
+    schedule = create(env, schedule_body(env, "pausable", {"directory": str(collection)},
+                                         str(tmp_path / "out"), every_seconds=1))
+    sid = schedule["id"]
+    first = env.wait_runs(sid, 1)[-1]
+    assert env.wait_job(first["job_id"]).status == "succeeded"
+    env.wait_runs(sid, 2)
+
+    # paused: no tick at all
+    assert env.post(f"/v1/schedules/{sid}/pause").json()["paused"] is True
+    time.sleep(1.5)  # a tick fired just before the pause may still be recorded
+    count = len(env.runs(sid))
+    time.sleep(4)
+    assert len(env.runs(sid)) == count
+    got = env.get(f"/v1/schedules/{sid}").json()
+    assert got["paused"] is True and got["last_run"]["id"] == env.runs(sid)[0]["id"]
+
+    # run now works on a paused schedule: a tick in the API process, recorded as manual
+    now = env.post(f"/v1/schedules/{sid}/run")
+    assert now.status_code == 200, now.text
+    run = now.json()
+    assert run["trigger"] == "manual" and run["status"] == "skipped"
+    assert "unchanged" in run["reason"]
+    forced = env.post(f"/v1/schedules/{sid}/run", params={"force": "true"}).json()
+    assert forced["status"] == "submitted" and forced["job_status"] in {
+        "queued", "validating", "running", "pushing", "succeeded"}
+    assert env.runs(sid)[0]["id"] == forced["id"]
+    assert env.wait_job(forced["job_id"]).status == "succeeded"
+    assert len(env.runs(sid)) == count + 2
+
+    # resumed: ticks again
+    assert env.post(f"/v1/schedules/{sid}/resume").json()["paused"] is False
+    resumed = env.wait_runs(sid, count + 3, timeout=30)[0]
+    assert resumed["trigger"] == "schedule" and resumed["status"] == "skipped"
+
+    # deleted: gone, with its history and its beat entry; no tick records anything again
+    assert env.client.delete(f"/v1/schedules/{sid}", headers=env.headers()).status_code == 204
+    assert env.get(f"/v1/schedules/{sid}").status_code == 404
+    assert not env.schedules.entry_exists(sid)
+    time.sleep(3)
+    assert env.store.r.llen(f"ms:schedule:{sid}:runs") == 0
+    assert env.store.r.exists(f"ms:schedule:{sid}") == 0
+
+
+def test_adapters_failing_preflight_are_left_out_and_listed(env: Env, tmp_path: Path) -> None:
+    collection = tmp_path / "adapters"
+    collection.mkdir()
+    copy_adapter(env.adapters["qv"], collection / "qv")
+    copy_adapter(env.adapters["pattern"], collection / "pattern")
+    copy_adapter(env.adapters["rslora"], collection / "other-base",
+                 base_model_name_or_path="other-org/other-base")
+    copy_adapter(env.adapters["qv"], collection / "dora", use_dora=True)
+    schedule = create(env, schedule_body(env, "mixed", {"directory": str(collection)},
+                                         str(tmp_path / "out"), paused=True))
+    sid = schedule["id"]
+
+    run = env.post(f"/v1/schedules/{sid}/run").json()
+    assert run["status"] == "submitted", run
+    assert sorted(run["merged"]) == ["pattern", "qv"]
+    assert sorted(a["name"] for a in run["adapters"]) == ["dora", "other-base", "pattern", "qv"]
+    left_out = by_name(run["left_out"])
+    assert set(left_out) == {"dora", "other-base"}
+    assert any("trained on 'other-org/other-base'" in p["message"]
+               for p in left_out["other-base"]["problems"])
+    assert any("DoRA" in p["message"] for p in left_out["dora"]["problems"])
+    assert left_out["dora"]["revision"] == content_hash(collection / "dora")
+    job = env.wait_job(run["job_id"])
+    assert job.status == "succeeded", job.error
+    assert sorted(m.name for m in job.spec.models) == ["pattern", "qv"]
+
+    # fewer than two left: skipped with the reason, no job
+    shutil.rmtree(collection / "pattern")
+    run = env.post(f"/v1/schedules/{sid}/run").json()
+    assert run["status"] == "skipped" and run["job_id"] is None
+    assert "1 adapter(s) of the collection pass preflight" in run["reason"]
+    assert set(by_name(run["left_out"])) == {"dora", "other-base"}
+
+    # a problem that is no one adapter's (a template that selects no tensor of the base):
+    # the run failed, every problem listed, nothing queued
+    copy_adapter(env.adapters["pattern"], collection / "pattern")
+    response = env.client.delete(f"/v1/schedules/{sid}", headers=env.headers())
+    assert response.status_code == 204
+    broken = create(env, schedule_body(env, "broken", {"directory": str(collection)},
+                                       str(tmp_path / "out"), paused=True,
+                                       template={"method": {"name": "task_arithmetic"},
+                                                 "output": {"format": "lora"},
+                                                 "options": {"include": ["no_such_tensor"]}}))
+    queued = env.store.counts()["queued"]
+    run = env.post(f"/v1/schedules/{broken['id']}/run").json()
+    assert run["status"] == "failed" and run["job_id"] is None
+    assert any(p["field"] == "options.include" for p in run["problems"]), run
+    assert set(by_name(run["left_out"])) == {"dora", "other-base"}
+    assert env.store.counts()["queued"] == queued
+
+
+def test_two_schedulers_fire_once_per_tick(env: Env, tmp_path: Path) -> None:
+    collection = tmp_path / "adapters"
+    collection.mkdir()
+    copy_adapter(env.adapters["qv"], collection / "qv")  # one adapter: every tick skips, fast
+    second = env.start_scheduler("scheduler-2")
+    schedule = create(env, schedule_body(env, "contended", {"directory": str(collection)},
+                                         str(tmp_path / "out"), every_seconds=1))
+    sid = schedule["id"]
+    started = time.monotonic()
+    env.wait_runs(sid, 6, timeout=60)
+    elapsed = time.monotonic() - started
+    runs = env.runs(sid)
+    assert all(r["status"] == "skipped" and "1 adapter(s)" in r["reason"] for r in runs)
+    # one run per tick: never more runs than ticks in the time, never two at once
+    assert len(runs) <= elapsed / 1.0 + 2, (len(runs), elapsed)
+    starts = sorted(_seconds(r["started_at"]) for r in runs)
+    assert min(b - a for a, b in itertools.pairwise(starts)) > 0.5, starts
+
+    # one holds the lock and fires; the other waits for it
+    holders = [p for p in env.schedulers if p.alive() and "Acquired lock" in p.output()]
+    assert len(holders) == 1, [p.output()[-2000:] for p in env.schedulers]
+    holder = holders[0]
+    waiting = next(p for p in env.schedulers if p.alive() and p is not holder)
+    assert "Sending due task" not in waiting.output()
+
+    # the holder stops: the other takes over and the ticks go on, still one at a time
+    holder.kill(signal.SIGTERM)
+    holder.process.wait(20)  # type: ignore[union-attr]
+    env.schedulers.remove(holder)
+    count = len(env.runs(sid))
+    wait_for(lambda: "Acquired lock" in waiting.output(), timeout=30, what="the takeover")
+    env.wait_runs(sid, count + 3, timeout=30)
+    runs = env.runs(sid)
+    starts = sorted(_seconds(r["started_at"]) for r in runs)
+    assert min(b - a for a, b in itertools.pairwise(starts)) > 0.5, starts
+    assert second.alive() or env.schedulers
+    assert env.client.delete(f"/v1/schedules/{sid}", headers=env.headers()).status_code == 204
+
+
+def _seconds(timestamp: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+
+
+# --- a Hub collection ------------------------------------------------------------------------
+
+def adapter_files(directory: Path) -> dict[str, bytes]:
+    return {name: (directory / name).read_bytes()
+            for name in ("adapter_config.json", "adapter_model.safetensors")}
+
+
+def test_hub_collection_pinned_to_shas_and_pushed_with_them(env: Env, tmp_path: Path) -> None:
+    hub = env.hub
+    qv = hub.add_repo("alice/minilm-qv", adapter_files(env.adapters["qv"]))
+    pattern = hub.add_repo("bob/minilm-pattern", adapter_files(env.adapters["pattern"]))
+    wrong = copy_adapter(env.adapters["rslora"], tmp_path / "wrong",
+                         base_model_name_or_path="other-org/other-base")
+    hub.add_repo("carol/minilm-other-base", adapter_files(wrong))
+    hub.add_repo("dave/a-full-model", {"config.json": b"{}", "model.safetensors": b"x" * 64})
+    slug = hub.add_collection("alice", "MiniLM adapters", [
+        "alice/minilm-qv", "bob/minilm-pattern", "carol/minilm-other-base",
+        "dave/a-full-model"])
+    hub.add_collection_item(slug, "some/dataset", item_type="dataset")
+    schedule = create(env, schedule_body(env, "hub-nightly", {"hub_collection": slug},
+                                         f"hub://{HF_USER}/minilm-merged", paused=True))
+    sid = schedule["id"]
+
+    run = env.post(f"/v1/schedules/{sid}/run").json()
+    assert run["status"] == "submitted", run
+    pinned = by_name(run["adapters"])
+    assert pinned["minilm-qv"]["source"] == f"alice/minilm-qv@{qv}"
+    assert pinned["minilm-pattern"]["source"] == f"bob/minilm-pattern@{pattern}"
+    assert sorted(run["merged"]) == ["minilm-pattern", "minilm-qv"]
+    assert [a["origin"] for a in run["left_out"]] == ["carol/minilm-other-base"]
+    ignored = {i["origin"]: i["reason"] for i in run["ignored"]}
+    assert "no adapter_config.json" in ignored["dave/a-full-model"]
+    assert "dataset" in ignored["some/dataset"]
+    job = env.wait_job(run["job_id"])
+    assert job.status == "succeeded", job.error
+    assert job.result is not None and job.result.revision is not None
+    head = hub.repo(f"{HF_USER}/minilm-merged").commits[job.result.revision]
+    assert f"alice/minilm-qv@{qv}" in head.message
+    assert f"bob/minilm-pattern@{pattern}" in head.message
+    assert "hub-nightly" in head.message.splitlines()[0]
+
+    # unchanged: skipped without a job (and without downloading anything)
+    hub.clear_requests()
+    again = env.post(f"/v1/schedules/{sid}/run").json()
+    assert again["status"] == "skipped" and "unchanged" in again["reason"]
+    assert hub.downloaded() == []
+
+    # an adapter updated on the Hub: a new job at the new sha, a new commit naming it
+    retrained = copy_adapter(env.adapters["pattern"], tmp_path / "pattern-v2")
+    retrain(retrained, 3.0)
+    pattern2 = hub.add_commit("bob/minilm-pattern", adapter_files(retrained),
+                              message="retrained")
+    run = env.post(f"/v1/schedules/{sid}/run").json()
+    assert run["status"] == "submitted", run
+    assert by_name(run["adapters"])["minilm-pattern"]["revision"] == pattern2
+    job = env.wait_job(run["job_id"])
+    assert job.status == "succeeded", job.error
+    head = hub.repo(f"{HF_USER}/minilm-merged").commits[job.result.revision]  # type: ignore[union-attr]
+    assert f"bob/minilm-pattern@{pattern2}" in head.message
+    assert head.parent is not None  # a new commit on top of the previous run's
+
+    # an adapter added to the collection: a new job with three
+    hub.add_repo("erin/minilm-rslora", adapter_files(env.adapters["rslora"]))
+    hub.add_collection_item(slug, "erin/minilm-rslora")
+    run = env.post(f"/v1/schedules/{sid}/run").json()
+    assert run["status"] == "submitted", run
+    assert sorted(run["merged"]) == ["minilm-pattern", "minilm-qv", "minilm-rslora"]
+    assert env.wait_job(run["job_id"]).status == "succeeded"
+
+    # a collection that does not exist: the run failed, with the reason
+    missing = create(env, schedule_body(env, "missing", {
+        "hub_collection": "alice/nothing-" + "0" * 24}, str(tmp_path / "out"), paused=True))
+    run = env.post(f"/v1/schedules/{missing['id']}/run").json()
+    assert run["status"] == "failed" and "cannot read Hub collection" in run["reason"]

@@ -1,0 +1,210 @@
+"""A schedule's collection, resolved to concrete adapters, each pinned to a revision.
+
+- Hub collection: `HfApi.get_collection(slug)`; its model items whose repo holds an
+  `adapter_config.json` (LoRA adapters), each pinned to its current commit sha. Other items are
+  listed as ignored.
+- Sources: Hub ids pinned to the commit of their revision (default `main`); local directories
+  pinned by content hash.
+- Local directory: each subdirectory that is a PEFT adapter, pinned by content hash.
+
+A local adapter is also copied (once per content hash) to `DATA_DIR/schedule-inputs/HASH/NAME`
+and the job reads that copy: the job merges exactly the files that were hashed, even if the
+directory changes while the job waits in the queue.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from merge_service.sources.lora import is_adapter_dir
+from merge_service.sources.resolve import HubOptions, looks_local
+from merge_service.spec import derive_task_name
+from workers.schedules.models import CollectionSpec, LeftOut, PinnedAdapter, RunProblem
+
+
+class CollectionError(Exception):
+    """The collection itself cannot be read (not found, Hub unreachable, not a directory)."""
+
+
+@dataclass
+class ResolvedCollection:
+    adapters: list[PinnedAdapter] = field(default_factory=list)
+    left_out: list[LeftOut] = field(default_factory=list)  # found but unreadable
+    ignored: list[LeftOut] = field(default_factory=list)  # not LoRA adapters
+
+    @property
+    def fingerprint(self) -> str:
+        """The identity of the resolved set: what was found where, at which revision."""
+        pinned = sorted(f"{a.origin}@{a.revision}" for a in self.adapters)
+        return hashlib.sha256(json.dumps(pinned).encode()).hexdigest()
+
+
+def resolve_collection(collection: CollectionSpec, hub: HubOptions, snapshots: Path
+                       ) -> ResolvedCollection:
+    if collection.hub_collection is not None:
+        resolved = _hub_collection(collection.hub_collection, hub)
+    elif collection.sources is not None:
+        resolved = _sources(collection.sources, hub, snapshots)
+    else:
+        assert collection.directory is not None
+        resolved = _directory(Path(collection.directory), snapshots)
+    _name_uniquely(resolved.adapters)
+    return resolved
+
+
+# --- the Hub ---------------------------------------------------------------------------------
+
+def _hub_collection(slug: str, hub: HubOptions) -> ResolvedCollection:
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.endpoint, token=hub.token)
+    try:
+        collection = api.get_collection(slug)
+    except Exception as exc:
+        raise CollectionError(f"cannot read Hub collection {slug}: {_reason(exc)}") from None
+    found = ResolvedCollection()
+    for item in collection.items:
+        if item.item_type != "model":
+            found.ignored.append(LeftOut(origin=item.item_id,
+                                         reason=f"a {item.item_type}, not a model"))
+            continue
+        _pin_hub_repo(api, item.item_id, None, found, require_adapter=True)
+    return found
+
+
+def _pin_hub_repo(api: object, repo_id: str, revision: str | None, found: ResolvedCollection,
+                  *, require_adapter: bool) -> None:
+    try:
+        info = api.model_info(repo_id, revision=revision)  # type: ignore[attr-defined]
+    except Exception as exc:
+        found.left_out.append(LeftOut(origin=repo_id, revision=revision,
+                                      reason=f"cannot read Hub repo {repo_id}: {_reason(exc)}"))
+        return
+    files = {s.rfilename for s in info.siblings or []}
+    if require_adapter and "adapter_config.json" not in files:
+        found.ignored.append(LeftOut(origin=repo_id, revision=info.sha,
+                                     reason="not a LoRA adapter (no adapter_config.json)"))
+        return
+    found.adapters.append(PinnedAdapter(name=derive_task_name(repo_id), origin=repo_id,
+                                        revision=info.sha, source=f"{repo_id}@{info.sha}"))
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# --- local directories -----------------------------------------------------------------------
+
+def _sources(sources: list[str], hub: HubOptions, snapshots: Path) -> ResolvedCollection:
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.endpoint, token=hub.token)
+    found = ResolvedCollection()
+    for source in sources:
+        if looks_local(source):
+            _pin_local(Path(source), snapshots, found, require_adapter=False)
+        else:
+            repo_id, _, revision = source.partition("@")
+            _pin_hub_repo(api, repo_id, revision or None, found, require_adapter=False)
+    return found
+
+
+def _directory(directory: Path, snapshots: Path) -> ResolvedCollection:
+    if not directory.is_dir():
+        raise CollectionError(f"the collection directory {directory} does not exist or is not "
+                              "a directory")
+    found = ResolvedCollection()
+    for entry in sorted(directory.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_dir() or not is_adapter_dir(entry):
+            found.ignored.append(LeftOut(origin=str(entry),
+                                         reason="not a LoRA adapter directory (no "
+                                         "adapter_config.json)"))
+            continue
+        _pin_local(entry, snapshots, found, require_adapter=True)
+    return found
+
+
+def _pin_local(path: Path, snapshots: Path, found: ResolvedCollection, *,
+               require_adapter: bool) -> None:
+    path = path.expanduser().resolve()
+    name = path.name
+    try:
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} is not a directory")
+        revision = content_hash(path)
+        copy = snapshot(path, revision, snapshots)
+    except OSError as exc:
+        found.left_out.append(LeftOut(name=name, origin=str(path), reason=f"cannot read "
+                                      f"{path}: {exc.strerror or exc}",
+                                      problems=[RunProblem(message=str(exc), model=name)]))
+        return
+    found.adapters.append(PinnedAdapter(name=name, origin=str(path), revision=revision,
+                                        source=str(copy)))
+
+
+def content_hash(directory: Path) -> str:
+    """sha256 over every regular file below `directory` (relative path and bytes), in path
+    order; hidden files (`.git`, editor swap files) are not part of an adapter."""
+    digest = hashlib.sha256()
+    for file in sorted(_files(directory)):
+        relative = file.relative_to(directory).as_posix()
+        digest.update(f"{relative}\0{file.stat().st_size}\0".encode())
+        with file.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(directory: Path) -> list[Path]:
+    files = []
+    for root, dirs, names in os.walk(directory):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += [Path(root) / n for n in names if not n.startswith(".")
+                  and (Path(root) / n).is_file()]
+    return files
+
+
+def snapshot(directory: Path, revision: str, snapshots: Path) -> Path:
+    """`snapshots/REVISION/NAME`, a copy of `directory`, made once (atomically: copied beside,
+    then renamed). The copy is checked against the hash, so a directory that changed while it
+    was copied is not pinned under the wrong revision."""
+    target = snapshots / revision / directory.name
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.parent / f".{directory.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        shutil.copytree(directory, partial,
+                        ignore=lambda _d, names: [n for n in names if n.startswith(".")])
+        if content_hash(partial) != revision:
+            raise OSError(f"{directory} changed while it was being read; it is read again at "
+                          "the next run")
+        try:
+            partial.rename(target)
+        except OSError:
+            if not target.is_dir():  # else: a concurrent run made the same copy first
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+def _name_uniquely(adapters: list[PinnedAdapter]) -> None:
+    """Task names must be distinct in a job: `name`, `name-2`, ... in order."""
+    taken: set[str] = set()
+    for i, adapter in enumerate(adapters):
+        candidate, n = adapter.name, 2
+        while candidate in taken:
+            candidate, n = f"{adapter.name}-{n}", n + 1
+        taken.add(candidate)
+        if candidate != adapter.name:
+            adapters[i] = adapter.model_copy(update={"name": candidate})

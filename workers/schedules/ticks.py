@@ -1,0 +1,178 @@
+"""One tick of a schedule: resolve its collection, skip when nothing changed since the last
+successful run, else submit a job pinned to the resolved revisions.
+
+Submitting goes through `JobService.submit`, the API's own path (the same preflight, store and
+queue), with the schedule's id on the job. Adapters that fail preflight (trained on another
+base, DoRA, unreadable) are left out and listed in the run; the job merges the others, unless
+fewer than two remain. The scheduler process fires ticks; `POST /v1/schedules/{id}/run` runs
+one in the API process.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from merge_service.settings import Settings
+from merge_service.spec import JobSpec, ModelEntry, OutputSpec
+from workers.jobs import new_job_id, now
+from workers.schedules.collections import (
+    CollectionError,
+    ResolvedCollection,
+    resolve_collection,
+)
+from workers.schedules.models import LeftOut, PinnedAdapter, RunProblem, Schedule, ScheduleRun
+from workers.schedules.store import ScheduleStore
+
+if TYPE_CHECKING:
+    from api.service import JobService
+
+log = logging.getLogger("merge_service.scheduler")
+Trigger = Literal["schedule", "manual"]
+
+
+class TickInProgress(Exception):
+    """Another tick of the same schedule is running."""
+
+
+@dataclass
+class Ticker:
+    settings: Settings
+    schedules: ScheduleStore
+    jobs: JobService
+
+    @property
+    def snapshots(self) -> Path:
+        return self.settings.data_dir.expanduser().resolve() / "schedule-inputs"
+
+    def tick(self, schedule_id: str, trigger: Trigger = "schedule", force: bool = False
+             ) -> ScheduleRun | None:
+        """Run one tick and record it. None when there is nothing to record (the schedule was
+        deleted, or paused before a scheduled tick ran). Raises `TickInProgress` for a manual
+        tick while another one runs."""
+        token = self.schedules.acquire_tick(schedule_id)
+        if token is None:
+            if trigger == "manual":
+                raise TickInProgress(schedule_id)
+            schedule = self.schedules.get(schedule_id)
+            if schedule is None:
+                return None
+            return self.schedules.add_run(self._draft(schedule, trigger).done(
+                "skipped", "the previous tick of this schedule is still running"))
+        try:
+            schedule = self.schedules.get(schedule_id)
+            if schedule is None:
+                self.schedules.remove_entry(schedule_id)  # a beat entry left by a race
+                return None
+            if schedule.paused and trigger == "schedule":
+                return None
+            run = self._run(schedule, self._draft(schedule, trigger), force)
+            log.info("schedule %s (%s): %s%s", schedule.id, schedule.name, run.status,
+                     f" job {run.job_id}" if run.job_id else f": {run.reason}")
+            return self.schedules.add_run(run)
+        finally:
+            self.schedules.release_tick(schedule_id, token)
+
+    def _draft(self, schedule: Schedule, trigger: Trigger) -> _Draft:
+        return _Draft(id=new_job_id(), schedule_id=schedule.id, trigger=trigger,
+                      started_at=now())
+
+    def _run(self, schedule: Schedule, draft: _Draft, force: bool) -> ScheduleRun:
+        try:
+            found = resolve_collection(schedule.collection, self.settings.hub, self.snapshots)
+        except CollectionError as exc:
+            return draft.done("failed", str(exc), problems=[RunProblem(message=str(exc))])
+        draft.found(found)
+        last_success, still_open = self.schedules.settle(schedule.id)
+        if not force:
+            if last_success is not None and last_success["fingerprint"] == found.fingerprint:
+                return draft.done("skipped", "unchanged since the last successful run "
+                                  f"(run {last_success['run_id']}, job "
+                                  f"{last_success['job_id']})")
+            pending = [j for j in still_open if j["fingerprint"] == found.fingerprint]
+            if pending:
+                return draft.done("skipped", f"job {pending[-1]['job_id']} for the same set is "
+                                  f"still {pending[-1]['status']}")
+        return self._submit(schedule, draft, found)
+
+    def _submit(self, schedule: Schedule, draft: _Draft, found: ResolvedCollection
+                ) -> ScheduleRun:
+        from api.auth import Principal
+        from api.errors import ApiError, Invalid
+
+        candidates = list(found.adapters)
+        destination = schedule.destination
+        if not destination.startswith("hub://"):
+            destination = str(Path(destination) / draft.id)
+        draft.destination = destination
+        # the jobs are the schedule creator's: that key may cancel them, as its own
+        principal = Principal(self.schedules.owner(schedule.id) or "scheduler", "submit")
+        while True:
+            if len(candidates) < 2:
+                return draft.done("skipped", f"{len(candidates)} adapter(s) of the collection "
+                                  "pass preflight; a merge needs at least 2")
+            spec = job_spec(schedule, candidates, destination)
+            try:
+                record, _ = self.jobs.submit(spec, principal, schedule_id=schedule.id)
+            except Invalid as exc:
+                names = {a.name: a for a in candidates}
+                failing = {p.model for p in exc.problems if p.model in names}
+                if not failing:  # the base, the method or the output: nothing to leave out
+                    return draft.done("failed", exc.message, problems=[
+                        RunProblem.of(p) for p in exc.problems])
+                for name in sorted(failing):
+                    adapter = names[name]
+                    draft.left_out.append(LeftOut(
+                        name=name, origin=adapter.origin, revision=adapter.revision,
+                        reason="fails preflight", problems=[
+                            RunProblem.of(p) for p in exc.problems if p.model == name]))
+                candidates = [a for a in candidates if a.name not in failing]
+                continue
+            except ApiError as exc:
+                return draft.done("failed", exc.message)
+            self.schedules.add_open(schedule.id, record.id, draft.id, found.fingerprint)
+            draft.merged = [a.name for a in candidates]
+            return draft.done("submitted", None, job_id=record.id)
+
+
+def job_spec(schedule: Schedule, adapters: list[PinnedAdapter], destination: str) -> JobSpec:
+    template = schedule.template
+    return JobSpec(
+        name=schedule.name, base=schedule.base,
+        models=[ModelEntry(source=a.source, name=a.name) for a in adapters],
+        method=template.method, space=template.space,
+        output=OutputSpec(**template.output.model_dump(), destination=destination),
+        options=template.options)
+
+
+@dataclass
+class _Draft:
+    """A run being worked out."""
+
+    id: str
+    schedule_id: str
+    trigger: Trigger
+    started_at: Any
+    fingerprint: str | None = None
+    adapters: list[PinnedAdapter] = field(default_factory=list)
+    left_out: list[LeftOut] = field(default_factory=list)
+    ignored: list[LeftOut] = field(default_factory=list)
+    merged: list[str] = field(default_factory=list)
+    destination: str | None = None
+
+    def found(self, found: ResolvedCollection) -> None:
+        self.fingerprint = found.fingerprint
+        self.adapters = list(found.adapters)
+        self.left_out = list(found.left_out)
+        self.ignored = list(found.ignored)
+
+    def done(self, status: str, reason: str | None, *, job_id: str | None = None,
+             problems: list[RunProblem] | None = None) -> ScheduleRun:
+        return ScheduleRun(
+            id=self.id, schedule_id=self.schedule_id, trigger=self.trigger, status=status,
+            reason=reason, started_at=self.started_at, finished_at=now(),
+            fingerprint=self.fingerprint, adapters=self.adapters, merged=self.merged,
+            left_out=self.left_out, ignored=self.ignored, problems=problems or [], job_id=job_id,
+            destination=self.destination if job_id else None)
