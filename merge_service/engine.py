@@ -12,7 +12,7 @@ import re
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from merge_service.preflight import (
     space_problems,
     weight_problems,
 )
+from merge_service.sinks.artifact import ARTIFACT_FORMATS, ArtifactWriter
 from merge_service.sinks.hub import HubPush, hub_destination_problems, push_to_hub
 from merge_service.sinks.local import LocalDirectorySink, copy_model_files, destination_problems
 from merge_service.sinks.model_card import render_model_card
@@ -222,6 +223,7 @@ def execute(prepared: PreparedMerge, *, overwrite: bool = False,
     p = prepared
     started = time.perf_counter()
     fmt = p.spec.output.format
+    served = _served_format(p)
     tensor_report: dict[str, dict[str, Any]] = {}
     # whole-model methods (adarank) learn the merge first; the loop below writes its tensors
     whole = p.method.optimize(p, report, cancelled) \
@@ -229,11 +231,11 @@ def execute(prepared: PreparedMerge, *, overwrite: bool = False,
     sink = LocalDirectorySink(p.destination, overwrite=overwrite)
     with sink as tmp:
         writer = ShardedSafetensorsWriter(tmp, "model", p.spec.output.shard_bytes) \
-            if fmt == "full" else None
+            if served == "full" else None
         adapter = PeftAdapterWriter(tmp, p.inputs[0].model.config,  # type: ignore[union-attr]
-                                    _base_model_name(p)) if fmt == "lora" else None
-        artifact = None if p.method.produces_delta else \
-            ShardedSafetensorsWriter(tmp, fmt, p.spec.output.shard_bytes)
+                                    _base_model_name(p)) if served == "lora" else None
+        artifact = ArtifactWriter(tmp, fmt, p.method.artifact_files,
+                                  p.spec.output.shard_bytes) if fmt in ARTIFACT_FORMATS else None
         out = _Outputs(writer, adapter, artifact)
         order = sorted(p.merged + p.copied)
         merged = set(p.merged)
@@ -262,13 +264,12 @@ def execute(prepared: PreparedMerge, *, overwrite: bool = False,
         if adapter is not None:
             files += adapter.finish()
         if artifact is not None:
-            files += artifact.finish()
-            write_json(tmp / "tasks.json", {
+            files += artifact.finish({
                 "format": fmt, "method": p.method.name,
                 "tasks": [t.name for t in p.inputs], "base": p.resolved_spec.base,
+                "space": p.space, "served_format": served,
             })
-            files.append("tasks.json")
-        if fmt == "full":
+        if served == "full":
             files += copy_model_files(p.base_source.path, tmp)
         (tmp / "merge_spec.yaml").write_text(p.resolved_spec.to_yaml())
         timings = {**p.timings, "merge_s": merge_s,
@@ -314,7 +315,7 @@ class _Outputs:
 
     model: ShardedSafetensorsWriter | None
     adapter: PeftAdapterWriter | None
-    artifact: ShardedSafetensorsWriter | None
+    artifact: ArtifactWriter | None
 
     @property
     def total_bytes(self) -> int:
@@ -358,7 +359,7 @@ def _merge_tensor(p: PreparedMerge, name: str, out: _Outputs) -> dict[str, Any]:
         out.add_merged(p, name, base.add_(result.delta))
     if out.artifact is not None:
         for key, value in result.artifact.items():
-            out.artifact.add(f"{name}::{key}", _cast_output(value, p.output_dtype))
+            out.artifact.add(name, key, _cast_output(value, p.output_dtype))
     return {"action": "merged", **task.diagnostics}
 
 
@@ -380,7 +381,9 @@ def _lora_only(p: PreparedMerge, name: str) -> bool:
 def _merge_lora_module(p: PreparedMerge, name: str, out: _Outputs) -> dict[str, Any]:
     """One LoRA module in `core` or `knots` space: the method runs on small matrices."""
     like = torch.empty(0, device=p.device, dtype=p.compute_dtype)
-    factors = [task.lora_factors(name, like) for task in p.inputs]
+    # a method that ignores the per-model weights (rmm) gets the unweighted factors
+    inputs = p.inputs if p.method.uses_weights else [replace(t, weight=1.0) for t in p.inputs]
+    factors = [task.lora_factors(name, like) for task in inputs]
     in_features = p.base.tensors[name].shape[1]
     space: CoreSpace | KnotsSpace = core_space(factors) if p.space == "core" \
         else knots_space(factors, in_features)
@@ -389,11 +392,17 @@ def _merge_lora_module(p: PreparedMerge, name: str, out: _Outputs) -> dict[str, 
     task = TensorTask(name=name, task_vectors=small, weights=[1.0] * len(small),
                       task_names=[t.name for t in p.inputs], seed=p.spec.options.seed,
                       is_2d=True)
-    merged = p.method.merge(task).delta
+    result = p.method.merge(task)
+    merged = result.delta
     if merged is None:
         raise MergeRuntimeError(f"method {p.method.name} returned no delta for {name}")
     info: dict[str, Any] = {"action": "merged", "space_shape": list(small[0].shape),
                             **task.diagnostics}
+    if out.artifact is not None:  # core parts, with the bases that map them back (section 13)
+        assert isinstance(space, CoreSpace)
+        stored = {**result.artifact, "shared::u_b": space.u_b, "shared::v_a": space.v_a}
+        for key, value in stored.items():
+            out.artifact.add(name, key, _cast_output(value, p.output_dtype))
     if out.adapter is not None:
         assert isinstance(space, CoreSpace)
         a, b = space.to_lora(merged, p.target_rank)
@@ -406,6 +415,16 @@ def _merge_lora_module(p: PreparedMerge, name: str, out: _Outputs) -> dict[str, 
         base = p.base.get(name).to(p.device, p.compute_dtype)
         out.model.add(name, _cast_output(base.add_(space.to_full(merged)), p.output_dtype))
     return info
+
+
+def _served_format(p: PreparedMerge) -> str | None:
+    """The model an output directory serves: `full`, `lora`, or none (`compressed`).
+    A `reversible` artifact serves `θ0 + alpha · μ` as a PEFT adapter when it was computed in
+    core space, else as a full model (METHODS.md section 13)."""
+    fmt = p.spec.output.format
+    if fmt == "reversible":
+        return "lora" if p.space == "core" else "full"
+    return None if fmt in ARTIFACT_FORMATS else fmt
 
 
 def _cast_output(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -466,10 +485,24 @@ def _report(p: PreparedMerge, tensors: dict[str, dict[str, Any]], timings: dict[
         "peak_memory": _peak_memory(p.device),
     }
     if artifact is not None:
-        # against keeping every task model whole, in the output dtype
+        # the whole output (served model and artifact files) against keeping every task model
+        # whole, in the output dtype; and against the inputs as given (LoRA: the T adapters)
         whole = len(p.inputs) * sum(i.numel for i in p.base.tensors.values()) \
             * p.output_dtype.itemsize
-        report["output"]["size_ratio"] = round(artifact.total_bytes / whole, 6) if whole else 0
+        given = sum(i.numel for t in p.inputs for i in t.model.tensors.values()
+                    if i.is_float) * p.output_dtype.itemsize
+        report["output"]["size_ratio"] = round(out_bytes / whole, 6) if whole else 0
+        report["output"]["size_ratio_to_inputs"] = round(out_bytes / given, 6) if given else 0
+        report["output"]["bytes_by_file"] = {
+            **({"model": out.model.total_bytes} if out.model else {}),
+            **({"adapter_model": out.adapter.total_bytes} if out.adapter else {}),
+            **artifact.bytes_by_file()}
+    extra = p.method.summarize(tensors, [t.name for t in p.inputs])
+    clash = extra.keys() & report.keys()
+    if clash:
+        raise MergeRuntimeError(f"method {p.method.name} reports keys the engine writes: "
+                                f"{sorted(clash)}")
+    report.update(extra)
     return report
 
 
@@ -479,7 +512,7 @@ def _base_model_name(p: PreparedMerge) -> str:
 
 
 def _model_card(p: PreparedMerge) -> str:
-    relation = "adapter" if p.spec.output.format == "lora" else "merge"
+    relation = "adapter" if _served_format(p) == "lora" else "merge"
     return render_model_card(
         title=p.spec.name or f"{p.method.name} merge",
         base_model=_base_model_name(p),
@@ -488,4 +521,21 @@ def _model_card(p: PreparedMerge) -> str:
         inputs=[{"name": t.name, "source": t.source.pinned, "weight": t.weight}
                 for t in p.inputs],
         output_format=p.spec.output.format,
+        notes=_artifact_notes(p),
     )
+
+
+def _artifact_notes(p: PreparedMerge) -> str:
+    """How to use an artifact directory: what it serves and how a task comes back."""
+    fmt = p.spec.output.format
+    if fmt not in ARTIFACT_FORMATS:
+        return ""
+    served = _served_format(p)
+    serves = {"full": "The directory loads as a model (`transformers`): it serves θ0 + alpha·μ, "
+                      "the scaled mean of the task vectors. ",
+              "lora": "The directory loads as a PEFT adapter of the base: it serves "
+                      "θ0 + alpha·μ, the scaled mean of the task vectors. "}.get(served or "", "")
+    tasks = ", ".join(f"`{t.name}`" for t in p.inputs)
+    return (f"## Recovering a task\n\nThis is a `{fmt}` artifact. {serves}Any task model "
+            f"({tasks}) is rebuilt from it and the base with\n\n"
+            "```\nmerge-service revert THIS_DIRECTORY --task NAME --out DIR\n```")

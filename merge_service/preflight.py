@@ -13,7 +13,8 @@ import torch
 
 from merge_service.errors import Problem
 from merge_service.inputs import TaskInput
-from merge_service.methods import MergeMethod
+from merge_service.methods import MergeMethod, available
+from merge_service.sinks.artifact import ARTIFACT_FORMATS
 from merge_service.sources.checkpoint import Checkpoint
 from merge_service.sources.lora import LoraAdapter
 from merge_service.sources.resolve import ResolvedSource
@@ -152,8 +153,12 @@ def output_problems(spec: JobSpec, method: MergeMethod | None, is_lora: bool) ->
     problems = []
     if method is not None and fmt not in method.output_formats:
         allowed = ", ".join(sorted(method.output_formats))
+        # artifact formats belong to one method each (rmm: reversible, tsv_compress: compressed)
+        writers = sorted(name for name, cls in available().items() if fmt in cls.output_formats)
+        hint = f"; format {fmt!r} is written by: {', '.join(writers)}" \
+            if writers and fmt in ARTIFACT_FORMATS else ""
         problems.append(Problem(f"method {method.name} cannot produce format {fmt!r} "
-                                f"(it produces: {allowed})", field="output.format"))
+                                f"(it produces: {allowed}){hint}", field="output.format"))
     if fmt == "lora" and not is_lora:
         problems.append(Problem("format 'lora' needs LoRA adapters as inputs; the inputs are "
                                 "full checkpoints", field="output.format"))

@@ -1,66 +1,79 @@
-"""`revert`: recover one task model from a `compressed` (or `reversible`) artifact."""
+"""`revert`: recover one task model from a `compressed` or `reversible` artifact.
+
+The output is always a full model `θ0 + τ̂_t` (METHODS.md sections 6 and 13), loadable by
+`transformers`, also for a `reversible` artifact of LoRA adapters: `τ̂_t` there is
+`U_B (μ + Σ_j c_tj Φ_j) V_Aᵀ`, of rank up to Σr rather than the adapter's own r_t, so an adapter
+would not be the task's adapter anyway, and a full model is what every consumer loads.
+Work goes tensor by tensor; the directory is written to a temporary sibling and renamed at the
+end, so a failure leaves nothing behind.
+"""
 
 from __future__ import annotations
 
-import json
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 from merge_service.engine import MergeResult, Progress, ProgressCallback
 from merge_service.errors import InvalidInputError, Problem
-from merge_service.methods import get_method_class
+from merge_service.sinks.artifact import Artifact
 from merge_service.sinks.local import LocalDirectorySink, copy_model_files, destination_problems
 from merge_service.sinks.model_card import render_model_card
 from merge_service.sinks.report import write_json
 from merge_service.sinks.safetensors_writer import ShardedSafetensorsWriter
 from merge_service.sources.checkpoint import Checkpoint
 from merge_service.sources.resolve import HubOptions, resolve_source
-from merge_service.spec import load_spec
+from merge_service.spec import JobSpec, load_spec
 
 
 def revert(artifact_dir: Path, task: str, out: Path, *, overwrite: bool = False,
            hub: HubOptions | None = None, progress: ProgressCallback | None = None,
            shard_bytes: int = 5 * 10**9) -> MergeResult:
+    """Write task `task`'s model, rebuilt from the artifact and its base, to `out`."""
     report = progress or (lambda _p: None)
     started = time.perf_counter()
-    manifest_path = artifact_dir / "tasks.json"
+    artifact = Artifact.open(artifact_dir)
+    base: Checkpoint | None = None
     try:
-        manifest = json.loads(manifest_path.read_text())
-        tasks: list[str] = manifest["tasks"]
-        fmt: str = manifest["format"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise InvalidInputError(Problem(f"{artifact_dir} is not a compressed or reversible "
-                                        "artifact (no valid tasks.json)")) from None
-    if task not in tasks:
-        raise InvalidInputError(Problem(f"no task {task!r} in the artifact (tasks: "
-                                        f"{', '.join(tasks)})", field="--task"))
-    method = get_method_class(manifest.get("method", ""))
-    if method is None:
-        raise InvalidInputError(Problem(f"artifact written by unknown method "
-                                        f"{manifest.get('method')!r}"))
-    problems = destination_problems(out, overwrite)
-    spec = load_spec(artifact_dir / "merge_spec.yaml")
-    base_source, source_problems = resolve_source(spec.base, "base", hub or HubOptions())
-    problems += source_problems
-    base = stored = None
-    if base_source is not None:
-        base, base_problems = Checkpoint.open(base_source.path, "base")
-        problems += base_problems
-    stored, stored_problems = Checkpoint.open(artifact_dir, "artifact", prefix=fmt)
-    problems += stored_problems
-    if problems or base is None or stored is None or base_source is None:
-        raise InvalidInputError(problems)
+        problems: list[Problem] = []
+        if task not in artifact.tasks:
+            problems.append(Problem(f"no task {task!r} in the artifact (tasks: "
+                                    f"{', '.join(artifact.tasks)})", field="--task"))
+        problems += destination_problems(out, overwrite)
+        try:
+            spec = load_spec(artifact_dir / "merge_spec.yaml")
+        except InvalidInputError as exc:
+            raise InvalidInputError([*problems, *(Problem(
+                f"the artifact's merge_spec.yaml: {p}", model="artifact")
+                for p in exc.problems)]) from None
+        base_source, source_problems = resolve_source(spec.base, "base", hub or HubOptions())
+        problems += source_problems
+        if base_source is not None:
+            base, base_problems = Checkpoint.open(base_source.path, "base")
+            problems += base_problems
+        parts = artifact.parts(task) if task in artifact.tasks else {}
+        if base is not None:
+            problems += [Problem("stored in the artifact but not a tensor of the base",
+                                 model="artifact", tensor=name)
+                         for name in sorted(parts) if name not in base.tensors]
+        if problems or base is None or base_source is None:
+            raise InvalidInputError(problems)
+        return _write(artifact, base, base_source.path, spec, task, parts, out, overwrite,
+                      report, shard_bytes, started)
+    finally:
+        artifact.close()
+        if base is not None:
+            base.close()
 
-    index = str(tasks.index(task))
-    parts: dict[str, dict[str, str]] = defaultdict(dict)
-    for key in stored.tensors:
-        tensor_name, task_index, part = key.rsplit("::", 2)
-        if task_index == index:
-            parts[tensor_name][part] = key
-    out_dtype = stored.floating_dtype() if parts else base.floating_dtype()
+
+def _write(artifact: Artifact, base: Checkpoint, base_path: Path, spec: JobSpec, task: str,
+           parts: dict[str, dict[str, str]], out: Path, overwrite: bool,
+           report: ProgressCallback, shard_bytes: int, started: float) -> MergeResult:
+    out_dtype = artifact.floating_dtype() or base.floating_dtype()
+    # exact sums in the artifact's precision, never below float32
+    work = torch.float64 if torch.float64 in (out_dtype, base.floating_dtype()) \
+        else torch.float32
     names = sorted(base.tensors)
     sink = LocalDirectorySink(out, overwrite=overwrite)
     with sink as tmp:
@@ -69,22 +82,25 @@ def revert(artifact_dir: Path, task: str, out: Path, *, overwrite: bool = False,
             report(Progress("reverting", done, len(names), name))
             value = base.get(name)
             if name in parts:
-                delta = method.reconstruct({p: stored.get(k).to(torch.float32)
-                                            for p, k in parts[name].items()})
-                value = value.to(torch.float32).add_(delta)
+                delta = artifact.task_delta(name, parts[name], work)
+                if delta.shape != value.shape:
+                    raise InvalidInputError(Problem(
+                        f"the recovered delta has shape {list(delta.shape)}, the base tensor "
+                        f"{list(value.shape)}", model="artifact", tensor=name))
+                value = value.to(work).add_(delta)
             writer.add(name, value.to(out_dtype) if value.is_floating_point() else value)
-        files = writer.finish() + copy_model_files(base_source.path, tmp)
-        result_report = {"reverted_task": task, "artifact": str(artifact_dir),
-                         "format": fmt, "method": method.name,
+        report(Progress("reverting", len(names), len(names), None))
+        files = writer.finish() + copy_model_files(base_path, tmp)
+        result_report = {"reverted_task": task, "artifact": str(artifact.directory),
+                         "format": artifact.fmt, "method": artifact.method.name,
+                         "tensors_rebuilt": len(parts),
                          "timings_s": {"total_s": round(time.perf_counter() - started, 4)}}
         write_json(tmp / "merge_report.json", result_report)
         (tmp / "README.md").write_text(render_model_card(
-            title=f"{task} recovered from a {fmt} artifact", base_model=spec.base,
-            relation="merge", method=method.name, params={"task": task},
+            title=f"{task} recovered from a {artifact.fmt} artifact", base_model=spec.base,
+            relation="merge", method=artifact.method.name, params={"task": task},
             inputs=[{"name": m.name or task, "source": m.source, "weight": m.weight}
                     for m in spec.models if m.name == task], output_format="full"))
         files += ["merge_report.json", "README.md"]
         sink.commit()
-    base.close()
-    stored.close()
     return MergeResult(out, sorted(files), result_report, spec)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
@@ -69,9 +70,10 @@ class TensorTask:
 class TensorResult:
     """What a method produced for one tensor: a delta, artifact tensors, or both.
 
-    Artifact keys are `"{task_index}::{part}"`; the engine stores them as
-    `"{tensor_name}::{task_index}::{part}"` and hands the parts of one task back to
-    `MergeMethod.reconstruct` on `revert`.
+    Artifact keys are `"{task_index}::{part}"`, or `"shared::{part}"` for a part every task's
+    reconstruction uses (`rmm`'s mean and basis); the engine stores them as
+    `"{tensor_name}::{task_index}::{part}"` and hands the parts of one task (its own and the
+    shared ones) back to `MergeMethod.reconstruct` on `revert`.
     """
 
     delta: torch.Tensor | None = None
@@ -91,6 +93,12 @@ class MergeMethod(ABC):
     produces_delta: ClassVar[bool] = True
     # The spaces this method runs in on LoRA inputs (METHODS.md section 10).
     spaces: ClassVar[frozenset[str]] = frozenset({"full", "core", "knots"})
+    # Artifact methods: the safetensors file (its name without `.safetensors`) each stored part
+    # goes to; parts not named here go to the file named for the output format.
+    artifact_files: ClassVar[Mapping[str, str]] = MappingProxyType({})
+    # False for methods that ignore the per-model weights w_t (core space then builds the core
+    # matrices from the unweighted factors).
+    uses_weights: ClassVar[bool] = True
 
     def __init__(self, params: MethodParams) -> None:
         self.params = params
@@ -105,6 +113,12 @@ class MergeMethod(ABC):
     @abstractmethod
     def merge(self, task: TensorTask) -> TensorResult:
         """Merge one tensor."""
+
+    def summarize(self, tensors: dict[str, dict[str, Any]], task_names: list[str]
+                  ) -> dict[str, Any]:
+        """Whole-model figures from the per-tensor diagnostics, added to merge_report.json
+        under their own top-level keys (none by default)."""
+        return {}
 
     @classmethod
     def reconstruct(cls, parts: dict[str, torch.Tensor]) -> torch.Tensor:

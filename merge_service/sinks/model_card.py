@@ -6,8 +6,10 @@ import yaml
 
 
 def render_model_card(*, title: str, base_model: str, relation: str, method: str,
-                      params: dict, inputs: list[dict], output_format: str) -> str:
-    """`inputs`: dicts with `name`, `source` (pinned), `weight`."""
+                      params: dict, inputs: list[dict], output_format: str,
+                      notes: str = "") -> str:
+    """`inputs`: dicts with `name`, `source` (pinned), `weight`; `notes`: a paragraph of
+    markdown added after the parameters (how to use an artifact)."""
     front = {
         "base_model": base_model,
         "base_model_relation": relation,
@@ -23,6 +25,7 @@ def render_model_card(*, title: str, base_model: str, relation: str, method: str
         f"`{base_model}` with the `{method}` method (output format `{output_format}`).\n\n"
         f"## Inputs\n\n| task | source (pinned) | weight |\n| --- | --- | --- |\n{rows}\n\n"
         f"## Method parameters\n\n```yaml\n{params_text}\n```\n\n"
-        "The exact job spec is in `merge_spec.yaml`; per-tensor diagnostics, timings and peak "
+        + (f"{notes.strip()}\n\n" if notes.strip() else "")
+        + "The exact job spec is in `merge_spec.yaml`; per-tensor diagnostics, timings and peak "
         "memory are in `merge_report.json`.\n"
     )

@@ -36,6 +36,9 @@ class ShardedSafetensorsWriter:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         tensor = tensor.detach().to("cpu").contiguous()
+        if tensor.numel() and tensor.reshape(-1).stride(0) != 1:
+            # "contiguous" ignores the strides of size-1 dims; the byte view below does not
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
         nbytes = tensor.numel() * tensor.element_size()
         if self._fh is not None and self._offset and self._offset + nbytes > self.shard_bytes:
             self._close_shard()
