@@ -1,5 +1,6 @@
 """`merge-service up`: Redis (the configured URL, else an embedded server under DATA_DIR), one
-worker and the API, from one command; Ctrl-C stops them in order (API, worker, Redis).
+worker, the scheduler and the API, from one command; Ctrl-C stops them in order (API,
+scheduler, worker, Redis).
 
 A job that was running when the service stopped is picked up again at the next start (its
 worker's lock has expired; the new worker's reaper requeues it).
@@ -23,17 +24,19 @@ WORKER_RESTARTS = 5
 
 
 class Supervised:
-    """The worker as a child process in its own session, restarted if it dies."""
+    """The worker (or the scheduler) as a child process in its own session, restarted if it
+    dies."""
 
-    def __init__(self, command: list[str], env: dict[str, str], log: Path) -> None:
-        self.command, self.env, self.log = command, env, log
+    def __init__(self, command: list[str], env: dict[str, str], log: Path,
+                 name: str = "worker") -> None:
+        self.command, self.env, self.log, self.name = command, env, log, name
         self.process: subprocess.Popen | None = None
         self.stopping = threading.Event()
         self.restarts = 0
 
     def start(self) -> None:
         self._spawn()
-        threading.Thread(target=self._watch, name="worker-watch", daemon=True).start()
+        threading.Thread(target=self._watch, name=f"{self.name}-watch", daemon=True).start()
 
     def _spawn(self) -> None:
         # the parent-death signal follows the thread that forks: always this one or `_watch`,
@@ -50,12 +53,12 @@ class Supervised:
             if self.stopping.is_set():
                 return
             if self.restarts >= WORKER_RESTARTS:
-                print(f"merge-service: the worker exited ({code}) {self.restarts} times; not "
-                      f"restarted again (see {self.log})", file=sys.stderr, flush=True)
+                print(f"merge-service: the {self.name} exited ({code}) {self.restarts} times; "
+                      f"not restarted again (see {self.log})", file=sys.stderr, flush=True)
                 return
             self.restarts += 1
-            print(f"merge-service: the worker exited ({code}); restarting it (see {self.log})",
-                  file=sys.stderr, flush=True)
+            print(f"merge-service: the {self.name} exited ({code}); restarting it (see "
+                  f"{self.log})", file=sys.stderr, flush=True)
             self._spawn()
 
     def stop(self, warm_s: float = 10.0) -> None:
@@ -105,6 +108,7 @@ def run_up(host: str, port: int, log_level: str) -> int:
 
     embedded = None
     worker = None
+    scheduler = None
     try:
         if settings.redis_url:
             redis_url, where = settings.redis_url, "MERGE_SERVICE_REDIS_URL"
@@ -119,6 +123,9 @@ def run_up(host: str, port: int, log_level: str) -> int:
         worker = Supervised([sys.executable, "-m", "merge_service.cli", "worker"], env,
                             logs / "worker.log")
         worker.start()
+        scheduler = Supervised([sys.executable, "-m", "merge_service.cli", "scheduler"], env,
+                               logs / "scheduler.log", name="scheduler")
+        scheduler.start()
         api_settings = Settings(redis_url=redis_url, data_dir=data_dir)
         app = create_app(api_settings)
         shown = f"[{host}]" if ":" in host else host
@@ -126,6 +133,7 @@ def run_up(host: str, port: int, log_level: str) -> int:
               f"  API:    http://{shown}:{port}  (docs: http://{shown}:{port}/docs)\n"
               f"  Redis:  {where}\n"
               f"  worker: log in {logs / 'worker.log'}\n"
+              f"  scheduler: log in {logs / 'scheduler.log'}\n"
               f"  data:   {data_dir}\n"
               "Ctrl-C stops it.", flush=True)
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
@@ -135,6 +143,8 @@ def run_up(host: str, port: int, log_level: str) -> int:
         return 0 if server.started else 2
     finally:
         print("merge-service: stopping", file=sys.stderr, flush=True)
+        if scheduler is not None:
+            scheduler.stop()
         if worker is not None:
             worker.stop()
         if embedded is not None:

@@ -34,12 +34,12 @@ def env_file(path: Path) -> dict[str, str]:
 
 def test_compose_services(compose: dict) -> None:
     services = compose["services"]
-    assert set(services) == {"redis", "api", "worker"}
+    assert set(services) == {"redis", "api", "worker", "scheduler"}
     redis = services["redis"]
     assert redis["image"].startswith("redis:7")
     assert redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
     assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
-    for name in ("api", "worker"):
+    for name in ("api", "worker", "scheduler"):
         service = services[name]
         assert service["depends_on"]["redis"]["condition"] == "service_healthy"
         assert "data:/data" in service["volumes"]
@@ -54,7 +54,7 @@ def test_compose_services(compose: dict) -> None:
 
 def test_compose_commands_exist_in_the_cli(compose: dict) -> None:
     parser = build_parser()
-    for name in ("api", "worker"):
+    for name in ("api", "worker", "scheduler"):
         program, *argv = compose["services"][name]["command"]
         assert program == "merge-service"
         args = parser.parse_args(argv)

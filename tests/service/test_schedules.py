@@ -544,3 +544,45 @@ def test_hub_collection_pinned_to_shas_and_pushed_with_them(env: Env, tmp_path: 
         "hub_collection": "alice/nothing-" + "0" * 24}, str(tmp_path / "out"), paused=True))
     run = env.post(f"/v1/schedules/{missing['id']}/run").json()
     assert run["status"] == "failed" and "cannot read Hub collection" in run["reason"]
+
+
+# --- `merge-service up` ----------------------------------------------------------------------
+
+def test_up_runs_the_scheduler(tmp_path: Path, minilm_dir: Path,
+                               minilm_adapters: dict[str, Path]) -> None:
+    import os
+
+    import httpx
+
+    from tests.service.test_up import interrupt, start_up
+    from workers.redis_server import free_port
+
+    data_dir = tmp_path / "data"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MERGE_SERVICE_")}
+    environment |= {"MERGE_SERVICE_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1",
+                    "PYTHONUNBUFFERED": "1"}
+    collection = tmp_path / "adapters"
+    collection.mkdir()
+    copy_adapter(minilm_adapters["qv"], collection / "qv")
+    up, url = start_up(environment, free_port(), tmp_path / "up.log")
+    try:
+        assert "scheduler: log in" in up.output()
+        body = {"name": "via-up", "every_seconds": 1, "base": str(minilm_dir),
+                "collection": {"directory": str(collection)},
+                "template": {"method": {"name": "task_arithmetic"}},
+                "destination": str(tmp_path / "out")}
+        created = httpx.post(f"{url}/v1/schedules", json=body, timeout=30)
+        assert created.status_code == 201, created.text
+        sid = created.json()["id"]
+
+        def scheduled_run() -> dict | None:
+            runs = httpx.get(f"{url}/v1/schedules/{sid}/runs", timeout=30).json()["runs"]
+            return next((r for r in runs if r["trigger"] == "schedule"), None)
+
+        run = wait_for(scheduled_run, timeout=90, interval=0.3, what="a tick from up's scheduler")
+        assert run["status"] == "skipped" and "1 adapter(s)" in run["reason"]
+        assert interrupt(up) == 0
+        log = (data_dir / "logs" / "scheduler.log").read_text()
+        assert "Acquired lock" in log and "Releasing lock" in log
+    finally:
+        up.stop()
