@@ -1,0 +1,162 @@
+// One job: the record (GET /v1/jobs/{id}), then live through its event stream; the timeline
+// is built from the state events (a stream id starts with the event's time in ms); the report
+// is fetched and charted once the job has succeeded.
+"use strict";
+
+(() => {
+  const { api, el } = MS;
+  const root = document.getElementById("job");
+  const id = root.dataset.jobId;
+  let job = null;
+  let stream = null;
+  let reportShown = false;
+
+  const $ = (x) => document.getElementById(x);
+
+  function facts(dl, pairs) {
+    dl.replaceChildren();
+    for (const [k, v] of pairs) {
+      if (v === null || v === undefined || v === "") continue;
+      dl.append(el("dt", {}, k), el("dd", {}, v));
+    }
+  }
+
+  function render() {
+    const spec = job.spec || {};
+    $("job-name").textContent = job.name || "(unnamed)";
+    const badge = $("job-status");
+    badge.textContent = job.status;
+    badge.className = `badge ${job.status}`;
+    const p = job.progress || {};
+    $("job-progress").value = MS.fraction(job);
+    $("job-progress").setAttribute("aria-valuetext",
+      `${job.status}${p.total ? `, ${p.done} of ${p.total}` : ""}`);
+    $("progress-text").textContent = [job.status, MS.progressText(p)].filter(Boolean).join(" · ");
+    const terminal = MS.TERMINAL.has(job.status);
+    $("cancel").disabled = terminal;
+    $("retry").disabled = !terminal;
+    $("edit").href = `/new?from=${job.id}`;
+    facts($("job-facts"), [
+      ["Method", spec.method && spec.method.name],
+      ["Inputs", (spec.models || []).map((m) => m.source).join(", ")],
+      ["Base", spec.base],
+      ["Created", MS.when(job.created_at)],
+      ["Started", MS.when(job.started_at)],
+      ["Finished", MS.when(job.finished_at)],
+      ["Duration", MS.duration(MS.parseTime(job.started_at), MS.parseTime(job.finished_at))],
+      ["Worker", job.worker],
+      ["Schedule", job.schedule_id],
+    ]);
+    $("spec").textContent = JSON.stringify(spec, null, 2);
+
+    $("error-section").hidden = !job.error;
+    if (job.error) {
+      $("error-type").textContent = job.error.type;
+      $("error-message").textContent = job.error.message;
+      const problems = (job.error.details && job.error.details.problems) || [];
+      $("error-problems").replaceChildren(...problems.map((pr) => el("li", {},
+        [pr.field, pr.model, pr.tensor].filter(Boolean).join(" / ") + (pr.field || pr.model || pr.tensor ? ": " : ""),
+        pr.message)));
+      $("error-details").textContent = JSON.stringify(job.error.details || {}, null, 2);
+    }
+
+    $("result-section").hidden = !job.result;
+    if (job.result) {
+      const r = job.result;
+      const where = r.url ? el("a", { href: r.url, rel: "noopener" }, r.url) : el("code", {}, r.destination);
+      facts($("result-facts"), [
+        [r.url ? "Hub commit" : "Local path", where],
+        r.url ? ["Destination", el("code", {}, r.destination)] : ["", null],
+        ["Revision", r.revision && el("code", {}, r.revision)],
+      ]);
+      $("result-files").replaceChildren(...(r.files || []).map((f) => el("li", {}, el("code", {}, f))));
+    }
+    if (job.status === "succeeded" && !reportShown) {
+      reportShown = true;
+      showReport();
+    }
+  }
+
+  function addTimeline(eventId, data) {
+    const ms = Number(String(eventId).split("-")[0]);
+    const item = el("li", { "data-status": data.status },
+                    el("span", { class: `badge ${data.status}` }, data.status),
+                    el("time", { datetime: new Date(ms).toISOString() }, MS.when(new Date(ms))));
+    if (data.reason) item.append(` — ${data.reason}`);
+    if (data.worker && data.status === "validating") item.append(` — worker ${data.worker}`);
+    $("timeline").append(item);
+  }
+
+  async function showReport() {
+    try {
+      const report = await api(`/v1/jobs/${id}/report`);
+      $("report-section").hidden = false;
+      const t = report.timings_s || {};
+      const mem = report.peak_memory || {};
+      facts($("report-facts"), [
+        ["Method", `${report.method.name} ${JSON.stringify(report.method.params)}`],
+        ["Space", report.space],
+        ["Device / precision", `${report.device} / ${report.compute_dtype}`],
+        ["Tensors", `${report.summary.merged} merged, ${report.summary.unchanged} unchanged, ${report.summary.copied} copied`],
+        ["Output", `${report.output.format}, ${report.output.dtype}, ${(report.output.bytes / 1e6).toFixed(1)} MB`],
+        ["Time", t.total_s !== undefined ? `${t.total_s.toFixed(2)} s (merge ${(t.merge_s || 0).toFixed(2)} s)` : ""],
+        ["Peak memory", mem.process_peak_rss_bytes ? `${(mem.process_peak_rss_bytes / 2 ** 20).toFixed(0)} MiB RSS` : ""],
+      ]);
+      Charts.render(report, $("charts"));
+      const blob = new Blob([JSON.stringify(report, null, 2)], { type: "application/json" });
+      $("report-json").href = URL.createObjectURL(blob);
+      $("report-json").download = `merge_report-${id}.json`;
+    } catch (e) {
+      MS.notice(`Cannot load the report: ${MS.errorText(e)}`);
+    }
+  }
+
+  async function load() {
+    try {
+      job = await api(`/v1/jobs/${id}`);
+    } catch (e) {
+      if (!(e instanceof MS.ApiError && e.status === 401)) MS.notice(`Cannot load job ${id}: ${MS.errorText(e)}`);
+      return;
+    }
+    render();
+    if (stream) stream.abort();
+    stream = new AbortController();
+    $("timeline").replaceChildren();
+    try {
+      await MS.events(`/v1/jobs/${id}/events`, (ev) => {
+        if (ev.type === "state") {
+          addTimeline(ev.id, ev.data);
+          Object.assign(job, ev.data);
+        } else if (ev.type === "progress") {
+          job.progress = ev.data;
+        }
+        render();
+      }, stream.signal);
+    } catch (e) {
+      MS.notice(`The event stream failed: ${MS.errorText(e)}`);
+    }
+  }
+
+  $("cancel").addEventListener("click", async () => {
+    if (!window.confirm(`Cancel job ${job.name || id}? Running work stops at the next tensor.`)) return;
+    try {
+      job = await api(`/v1/jobs/${id}/cancel`, { method: "POST" });
+      render();
+    } catch (e) {
+      MS.notice(`Cannot cancel: ${MS.errorText(e)}`);
+    }
+  });
+  $("retry").addEventListener("click", async () => {
+    try {
+      const created = await api(`/v1/jobs/${id}/retry`, { method: "POST" });
+      window.location.assign(`/jobs/${created.id}`);
+    } catch (e) {
+      MS.notice(`Cannot retry: ${MS.errorText(e)}${e.problems && e.problems.length ? ` (${e.problems.map((p) => p.message).join("; ")})` : ""}`);
+    }
+  });
+  document.addEventListener("ms:key", load);
+  document.addEventListener("DOMContentLoaded", () => {
+    if (MS.authRequired && !MS.key()) return;
+    load();
+  });
+})();

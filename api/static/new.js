@@ -1,0 +1,172 @@
+// The spec editor: "Check" sends the text to POST /v1/jobs:validate (the server parses the
+// YAML and runs the preflight of POST /v1/jobs, queueing nothing) and lists every problem
+// with its line; "Submit" checks, then posts the parsed spec (JSON) to POST /v1/jobs.
+"use strict";
+
+(() => {
+  const { api, el } = MS;
+  const $ = (x) => document.getElementById(x);
+  const text = $("spec-text");
+  const result = $("check-result");
+  let methods = [];
+
+  const EXAMPLE = `name: my-merge
+base: ./models/base                  # Hub id[@revision] or a directory on the workers
+models:
+  - source: ./models/task-a
+  - source: ./models/task-b
+    weight: 1.0
+method:
+  name: tsv
+  params:
+    alpha: 1.0
+output:
+  destination: ./out/my-merge        # or hub://org/name
+  dtype: float32
+options:
+  device: auto
+  seed: 0
+`;
+
+  async function check() {
+    result.replaceChildren(el("p", { class: "muted" }, "Checking…"));
+    let answer;
+    try {
+      answer = await api("/v1/jobs:validate", {
+        method: "POST", body: text.value, headers: { "Content-Type": "application/yaml" } });
+    } catch (e) {
+      showProblems(`The check failed: ${MS.errorText(e)}`, e.problems || []);
+      return null;
+    }
+    if (answer.valid) {
+      text.removeAttribute("aria-invalid");
+      const r = answer.resolved;
+      result.replaceChildren(
+        el("p", { class: "ok", id: "check-ok" }, "The spec is valid."),
+        el("dl", { class: "facts" },
+           el("dt", {}, "Base"), el("dd", {}, el("code", {}, r.base)),
+           el("dt", {}, "Models"), el("dd", {}, ...r.models.map((m) => el("div", {}, el("code", {}, m.source)))),
+           el("dt", {}, "Method"), el("dd", {}, r.method.name),
+           el("dt", {}, "Destination"), el("dd", {}, el("code", {}, r.output.destination || "")),
+        ));
+    } else {
+      showProblems(`${answer.problems.length} problem(s):`, answer.problems);
+    }
+    return answer;
+  }
+
+  function showProblems(title, problems) {
+    text.setAttribute("aria-invalid", "true");
+    const list = el("ul", { class: "problems", id: "problems" });
+    for (const p of problems) {
+      const where = [p.field, p.model, p.tensor].filter(Boolean).join(" / ");
+      const item = el("li", {});
+      if (p.line) {
+        const go = el("button", { type: "button", class: "line", "aria-label": `go to line ${p.line}` }, `line ${p.line}`);
+        go.addEventListener("click", () => goToLine(p.line));
+        item.append(go);
+      }
+      if (where) item.append(el("code", {}, where), ": ");
+      item.append(p.message);
+      list.append(item);
+    }
+    result.replaceChildren(el("p", { class: "problems-title" }, title), list);
+  }
+
+  function goToLine(line) {
+    const lines = text.value.split("\n");
+    const start = lines.slice(0, line - 1).reduce((n, l) => n + l.length + 1, 0);
+    text.focus();
+    text.setSelectionRange(start, start + (lines[line - 1] || "").length);
+    const lineHeight = text.scrollHeight / Math.max(1, lines.length);
+    text.scrollTop = Math.max(0, (line - 3) * lineHeight);
+  }
+
+  async function submit(ev) {
+    ev.preventDefault();
+    const answer = await check();
+    if (!answer || !answer.valid) { $("check-h").scrollIntoView(); return; }
+    const headers = {};
+    const key = $("idempotency").value.trim();
+    if (key) headers["Idempotency-Key"] = key;
+    try {
+      const job = await api("/v1/jobs", { method: "POST", json: answer.spec, headers });
+      window.location.assign(`/jobs/${job.id}`);
+    } catch (e) {
+      showProblems(`Not submitted: ${MS.errorText(e)}`, e.problems || []);
+    }
+  }
+
+  function describeMethod() {
+    const m = methods.find((x) => x.name === $("method-select").value);
+    const box = $("method-info");
+    if (!m) { box.replaceChildren(); return; }
+    const params = el("dl", { class: "params" });
+    for (const [name, p] of Object.entries(m.params)) {
+      const bounds = ["minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"]
+        .filter((b) => p[b] !== undefined).map((b) => `${b} ${p[b]}`);
+      const type = typeof p.type === "string" ? p.type : JSON.stringify(p.type);
+      params.append(el("dt", {}, name),
+                    el("dd", {}, `${type}, default ${JSON.stringify(p.default)}`,
+                       bounds.length ? ` (${bounds.join(", ")})` : "",
+                       p.enum ? ` one of ${p.enum.join(", ")}` : "",
+                       p.description ? el("div", { class: "muted" }, p.description) : null));
+    }
+    box.replaceChildren(el("p", {}, m.summary),
+                        el("p", {}, "Output formats: ", m.output_formats.join(", ")),
+                        Object.keys(m.params).length ? params : el("p", { class: "muted" }, "No parameters."));
+  }
+
+  // replace the top-level `method:` block (up to the next top-level key) with the chosen
+  // method and its defaults; JSON values are valid YAML
+  function useMethod() {
+    const m = methods.find((x) => x.name === $("method-select").value);
+    if (!m) return;
+    const params = Object.entries(m.params);
+    const block = [`method:`, `  name: ${m.name}`, params.length ? `  params:` : `  params: {}`,
+                   ...params.map(([k, p]) => `    ${k}: ${JSON.stringify(p.default)}`)].join("\n");
+    const lines = text.value.split("\n");
+    const start = lines.findIndex((l) => /^method\s*:/.test(l));
+    if (start < 0) {
+      text.value = `${text.value.replace(/\s*$/, "\n")}${block}\n`;
+    } else {
+      let end = start + 1;
+      while (end < lines.length && (/^\s/.test(lines[end]) || lines[end] === "")) end++;
+      lines.splice(start, end - start, block);
+      text.value = lines.join("\n");
+    }
+    result.replaceChildren(el("p", { class: "muted" }, `Method set to ${m.name}. Not checked yet.`));
+    text.focus();
+  }
+
+  async function load() {
+    try {
+      methods = await api("/v1/methods");
+    } catch (e) {
+      if (!(e instanceof MS.ApiError && e.status === 401)) MS.notice(`Cannot load the method catalog: ${MS.errorText(e)}`);
+      return;
+    }
+    $("method-select").replaceChildren(...methods.map((m) => el("option", { value: m.name }, m.name)));
+    describeMethod();
+    const from = new URLSearchParams(window.location.search).get("from");
+    if (from && /^[0-9a-f]{20}$/.test(from)) {
+      try {
+        const job = await api(`/v1/jobs/${from}`);
+        text.value = `${JSON.stringify(job.spec, null, 2)}\n`;  // JSON is YAML
+      } catch (e) {
+        MS.notice(`Cannot load job ${from}: ${MS.errorText(e)}`);
+      }
+    }
+  }
+
+  $("check").addEventListener("click", check);
+  $("spec-form").addEventListener("submit", submit);
+  $("method-select").addEventListener("change", describeMethod);
+  $("use-method").addEventListener("click", useMethod);
+  document.addEventListener("ms:key", load);
+  document.addEventListener("DOMContentLoaded", () => {
+    if (!text.value.trim()) text.value = EXAMPLE;
+    if (MS.authRequired && !MS.key()) return;
+    load();
+  });
+})();
