@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from api.auth import parse_api_keys
+from api.dashboard import router as dashboard_router
 from api.errors import ApiError, BadRequest, ErrorBody, ErrorResponse, Invalid
 from api.metrics import ApiMetrics, MetricsMiddleware
 from api.routes import router
@@ -60,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.include_router(router)
     app.include_router(schedules_router)
+    app.include_router(dashboard_router)  # the pages at /, and POST /v1/jobs:validate
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)

@@ -9,6 +9,8 @@ from merge_service.methods import register
 from merge_service.methods.base import MergeMethod, SvdParams, TensorResult, TensorTask
 from merge_service.methods.linalg import numerical_rank, polar, svd, weighted_sum
 
+SPECTRUM_LENGTH = 64  # leading singular values of each task per matrix, kept for the report
+
 
 class TsvParams(SvdParams):
     alpha: float = Field(1.0, description="scale of the merged task vector")
@@ -46,17 +48,21 @@ class Tsv(MergeMethod):
         sigmas: list[torch.Tensor] = []
         vs: list[torch.Tensor] = []
         kept: list[int] = []
+        spectra: list[list[float]] = []
         for x in xs:
             if per_task == 0:
                 kept.append(0)
+                spectra.append([])
                 continue
             u, s, v = svd(x)
+            spectra.append([float(f"{value:.6g}") for value in s[:SPECTRUM_LENGTH].tolist()])
             k = min(per_task, numerical_rank(s))  # never inject null-space directions
             us.append(u[:, :k])
             sigmas.append(s[:k])
             vs.append(v[:, :k])
             kept.append(k)
         task.diagnostics["kept_rank"] = kept
+        task.diagnostics["singular_values"] = spectra  # per task, descending
         if sum(kept) == 0:
             task.diagnostics["interference"] = 0.0
             return TensorResult(torch.zeros_like(xs[0]))

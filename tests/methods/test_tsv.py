@@ -77,6 +77,23 @@ def test_interference_is_reported_for_overlapping_subspaces() -> None:
     assert task.diagnostics["interference"] > 1e-3
 
 
+def test_report_holds_each_weighted_task_s_leading_singular_values() -> None:
+    # the dashboard draws these spectra; at most SPECTRUM_LENGTH (64) per task, descending
+    from merge_service.methods.tsv import SPECTRUM_LENGTH
+
+    gen = generator(4)
+    taus = [randn(gen, 80, 70), randn(gen, 80, 70)]
+    weights = [1.0, 0.5]
+    task = make_task(taus, weights)
+    merge("tsv", task)
+    spectra = task.diagnostics["singular_values"]
+    assert [len(s) for s in spectra] == [SPECTRUM_LENGTH, SPECTRUM_LENGTH]
+    for values, tau, w in zip(spectra, taus, weights, strict=True):
+        expected = singular_values(w * tau)[:SPECTRUM_LENGTH]
+        torch.testing.assert_close(torch.tensor(values, dtype=F64), expected, rtol=1e-5, atol=0)
+        assert values == sorted(values, reverse=True)
+
+
 @pytest.mark.parametrize(("shape", "name", "params"), [
     ((5,), "layers.0.bias", {}),
     ((2, 3, 4), "conv.weight", {}),
