@@ -35,8 +35,11 @@ ARTIFACT_FILES = {"basis.safetensors", "coefficients.safetensors", "tasks.json",
                   "merge_spec.yaml", "merge_report.json", "README.md"}
 
 
-def merge(base: Path, models: list[Path], out: Path, names=TASKS, **fields) -> MergeResult:
+def merge(base: Path, models: list[Path], out: Path, names=TASKS, weights=None,
+          **fields) -> MergeResult:
     entries = [{"source": str(m), "name": n} for m, n in zip(models, names, strict=True)]
+    for entry, weight in zip(entries, weights or [], strict=False):
+        entry["weight"] = weight
     params = fields.pop("params", {})
     return run_merge(spec_from_dict(job(base, entries, out, method="rmm", params=params,
                                         output={"format": "reversible"}, **fields)))
@@ -304,8 +307,9 @@ def test_lora_artifact_serves_a_peft_adapter_and_reverts_each_adapter(
     from peft import PeftModel
     from transformers import AutoModel
 
+    # weights play no part (the core matrices are built from the unweighted factors)
     result = merge(tiny_bert_dir, tiny_lora, tmp_path / "art", params={"alpha": 0.5},
-                   options={"compute_dtype": "float64"})
+                   weights=[2.0, 0.0, -1.0], options={"compute_dtype": "float64"})
     art = result.destination
     assert ARTIFACT_FILES | {"adapter_config.json", "adapter_model.safetensors"} \
         == set(result.files)

@@ -59,11 +59,14 @@ def eigen_basis(g: torch.Tensor, basis_size: int, floor: float = 0.0
                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """`G = Q Λ Qᵀ`, λ descending (negatives from rounding set to 0), and the number `k` of
     kept directions: `j ≤ basis_size` with `λ_j > 1e-10 λ_1` and `λ_j > floor`. Each column
-    of Q is signed so that its largest entry is positive (deterministic across devices)."""
+    of Q is signed so that its largest entry is positive, the first of entries equal to 1e-9
+    (T = 2 always ties: ±(1, −1)/√2): the same signs on every device and in every space."""
     lam, q = torch.linalg.eigh(g)
     lam, q = lam.flip(0).clamp_min(0), q.flip(1)
-    largest = q.abs().argmax(dim=0)
-    signs = torch.sign(q.gather(0, largest[None, :]))[0]
+    magnitude = q.abs()
+    near_top = magnitude >= magnitude.max(dim=0, keepdim=True).values - 1e-9
+    first = near_top.to(torch.int8).argmax(dim=0)  # first True per column
+    signs = torch.sign(q.gather(0, first[None, :]))[0]
     q = q * torch.where(signs == 0, torch.ones_like(signs), signs)
     top = float(lam[0]) if lam.numel() else 0.0
     kept = int((lam[:basis_size] > max(EIGEN_RTOL * top, floor)).sum()) if top > 0 else 0

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from merge_service.errors import InvalidInputError
 from merge_service.methods import build_method, catalog, get_method_class
+from merge_service.spaces import core_space
 from tests.methods.helpers import generator, make_task, method, randn
 
 F64 = torch.float64
@@ -114,6 +115,45 @@ def test_recovery_is_the_best_rank_p_affine_fit(seed: int, num_tasks: int,
                                    rtol=1e-9, atol=1e-9)
 
 
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31), m=st.integers(2, 30), n=st.integers(2, 30),
+       ranks=st.lists(st.one_of(st.none(), st.integers(1, 5)), min_size=2, max_size=5)
+       .filter(lambda rs: any(r is not None for r in rs)), basis_size=st.integers(1, 4))
+def test_core_space_gives_the_full_space_result(seed: int, m: int, n: int,
+                                                ranks: list[int | None],
+                                                basis_size: int) -> None:
+    """Section 13 on LoRA inputs: U_B, V_A have orthonormal columns, so the Gram, its
+    eigenvalues, the coefficients and every recovered task are those of full space, and
+    `U_B · core · V_Aᵀ` maps μ and Φ_j to the full-space μ and Φ_j (up to the sign rule,
+    which both spaces apply to the same Q)."""
+    gen = generator(seed)
+    factors = [None if r is None else (randn(gen, r, n), randn(gen, m, r)) for r in ranks]
+    full_taus = [torch.zeros(m, n, dtype=F64) if f is None else f[1] @ f[0] for f in factors]
+    space = core_space(factors)
+    _, core_art, core_diag = run(space.cores, basis_size=basis_size)
+    _, full_art, full_diag = run(full_taus, basis_size=basis_size)
+    scale = max(full_diag["eigenvalues"][0], 1e-300)
+    assert core_diag["kept"] == full_diag["kept"]
+    assert torch.allclose(torch.tensor(core_diag["eigenvalues"]),
+                          torch.tensor(full_diag["eigenvalues"]), rtol=0, atol=1e-9 * scale)
+    torch.testing.assert_close(space.to_full(core_art["shared::mu"]), full_art["shared::mu"],
+                               rtol=1e-9, atol=1e-9)
+    lam = full_diag["eigenvalues"]
+    for j, (core_phi, full_phi) in enumerate(zip(core_art["shared::basis"],
+                                                 full_art["shared::basis"], strict=True)):
+        neighbours = [lam[i] for i in (j - 1, j + 1) if 0 <= i < len(lam)]
+        if min(abs(lam[j] - x) for x in neighbours) > 1e-6 * scale:  # Φ_j is unique up to sign
+            mapped = space.to_full(core_phi)
+            sign = 1.0 if float((mapped * full_phi).sum()) >= 0 else -1.0
+            torch.testing.assert_close(mapped, sign * full_phi, rtol=1e-7, atol=1e-7)
+    for t, tau in enumerate(full_taus):
+        torch.testing.assert_close(space.to_full(recovered(core_art, t)),
+                                   recovered(full_art, t), rtol=1e-9, atol=1e-9)
+        if basis_size >= len(ranks) - 1:
+            torch.testing.assert_close(space.to_full(recovered(core_art, t)), tau,
+                                       rtol=1e-9, atol=1e-9)
+
+
 def test_alpha_scales_the_served_mean_and_weights_play_no_part() -> None:
     gen = generator(1)
     taus = [randn(gen, 6, 4) for _ in range(3)]
@@ -154,12 +194,18 @@ def test_a_zero_task_is_recovered_as_zero() -> None:
 
 
 def test_deterministic_signs() -> None:
-    """Each basis direction is signed by its largest Q entry: reruns give identical bytes."""
+    """Each basis direction is signed by its largest Q entry (first of ties): reruns give
+    identical bytes, and with T = 2 (Q = ±(1, −1)/√2) the first task's coefficient is
+    positive."""
     gen = generator(4)
     taus = [randn(gen, 9, 3) for _ in range(4)]
     first, second = run(taus)[1], run(taus)[1]
     for key in first:
         assert torch.equal(first[key], second[key])
+    for seed in range(5):
+        gen = generator(seed)
+        pair = run([randn(gen, 3, 3), randn(gen, 3, 3)], basis_size=1)[1]
+        assert float(pair["0::coefficients"][0]) > 0 > float(pair["1::coefficients"][0])
 
 
 def test_summarize_gives_whole_model_relative_errors() -> None:
