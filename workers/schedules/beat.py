@@ -30,6 +30,7 @@ from workers.schedules.ticks import Ticker
 
 log = logging.getLogger("merge_service.scheduler")
 TICK_THREADS = 4
+REDIS_RETRY_S = 300.0  # Redis away for longer: the scheduler exits (and is restarted)
 
 
 class ScheduleBeat(RedBeatScheduler):
@@ -97,7 +98,7 @@ def run_scheduler(log_level: str = "info") -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
     jobs = JobStore.from_url(settings.redis_url_or_default)
-    app = make_beat_app(settings)
+    app = make_beat_app(settings, redis_retry_s=REDIS_RETRY_S)
     schedules = ScheduleStore(jobs, app)
     service = JobService(settings, jobs, make_celery(settings),
                          ApiMetrics(jobs, 3 * settings.heartbeat_seconds))

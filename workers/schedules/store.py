@@ -42,16 +42,22 @@ BEAT_MAX_INTERVAL_S = 1.0  # the scheduler looks at Redis this often: seconds-le
 BEAT_LOCK_TIMEOUT_S = 15  # a scheduler that stopped is replaced after this long
 
 
-def make_beat_app(settings: Settings) -> Celery:
-    """The Celery app with celery-redbeat configured on the service's Redis."""
+def make_beat_app(settings: Settings, redis_retry_s: float | None = None) -> Celery:
+    """The Celery app with celery-redbeat configured on the service's Redis.
+
+    `redis_retry_s`: how long redbeat retries a Redis that went away before giving up (the
+    scheduler rides out a Redis restart; the API answers at once instead)."""
     app = make_celery(settings)
     url = settings.redis_url_or_default
     prefix = "ms:redbeat:"
+    options: dict[str, Any] = {"health_check_interval": 30}
+    if redis_retry_s is not None:
+        options["retry_period"] = redis_retry_s
     app.conf.update(
         beat_scheduler="workers.schedules.beat:ScheduleBeat",
         beat_max_loop_interval=BEAT_MAX_INTERVAL_S,
         redbeat_redis_url=url,
-        redbeat_redis_options={"health_check_interval": 30},
+        redbeat_redis_options=options,
         redbeat_key_prefix=prefix,
         redbeat_lock_key=f"{prefix}:lock",
         redbeat_lock_timeout=BEAT_LOCK_TIMEOUT_S,

@@ -111,8 +111,10 @@ class Ticker:
         principal = Principal(self.schedules.owner(schedule.id) or "scheduler", "submit")
         while True:
             if len(candidates) < 2:
-                return draft.done("skipped", f"{len(candidates)} adapter(s) of the collection "
-                                  "pass preflight; a merge needs at least 2")
+                left_out = len(draft.left_out)
+                return draft.done("skipped", f"{len(candidates)} adapter(s) to merge"
+                                  + (f" ({left_out} left out)" if left_out else "")
+                                  + "; a merge needs at least 2")
             spec = job_spec(schedule, candidates, destination)
             try:
                 record, _ = self.jobs.submit(spec, principal, schedule_id=schedule.id)
