@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from merge_service.cli import main
 from merge_service.engine import MergeResult, run_merge
-from merge_service.errors import InvalidInputError, PreflightError
+from merge_service.errors import CorruptTensorError, InvalidInputError, PreflightError
 from merge_service.revert import revert
 from merge_service.spec import spec_from_dict
 from tests.conftest import (
@@ -26,6 +26,7 @@ from tests.conftest import (
     relative_error,
     synthetic_tensors,
     write_checkpoint,
+    write_spec,
 )
 
 pytestmark = pytest.mark.usefixtures("hf_offline")
@@ -164,10 +165,17 @@ def test_weights_play_no_part(f64: Float64Tasks, tmp_path: Path) -> None:
         torch.testing.assert_close(recovered[name], value, rtol=1e-12, atol=1e-12)
 
 
-def test_revert_through_the_cli(f64: Float64Tasks, tmp_path: Path,
-                                capsys: pytest.CaptureFixture[str]) -> None:
-    art = merge(f64.base, f64.tasks, tmp_path / "art",
-                options={"compute_dtype": "float64"}).destination
+def test_merge_and_revert_through_the_cli(f64: Float64Tasks, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    entries = [{"source": str(m), "name": n} for m, n in zip(f64.tasks, TASKS, strict=True)]
+    spec = write_spec(tmp_path, **job(f64.base, entries, tmp_path / "unused", method="rmm",
+                                      output={"format": "reversible"},
+                                      options={"compute_dtype": "float64"}))
+    art = tmp_path / "art"
+    code = main(["merge", str(spec), "--out", str(art), "-q"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "merged 3 models with rmm" in out and "output: reversible" in out
     code = main(["revert", str(art), "--task", "poetry", "--out", str(tmp_path / "rev"), "-q"])
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -234,6 +242,16 @@ def test_missing_part(artifact: Path, tmp_path: Path) -> None:
     del tensors["norm.weight::shared::basis"]
     save_file(tensors, path)
     _refused(artifact, tmp_path / "rev", r"norm\.weight.*missing part\(s\) basis")
+
+
+def test_non_finite_values_in_the_basis(artifact: Path, tmp_path: Path) -> None:
+    path = artifact / "basis.safetensors"
+    tensors = load_file(path)
+    tensors["layers.0.self_attn.q_proj.bias::shared::mu"][2] = float("nan")
+    save_file(tensors, path)
+    with pytest.raises(CorruptTensorError, match=r"q_proj\.bias.*NaN or Inf"):
+        revert(artifact, "math", tmp_path / "rev")
+    assert_nothing_written(tmp_path / "rev")
 
 
 def test_tasks_json_naming_another_method(artifact: Path, tmp_path: Path) -> None:
