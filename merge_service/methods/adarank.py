@@ -5,6 +5,16 @@ coefficients λ are learned by minimising the entropy of every task's prediction
 calibration inputs, through a forward of the merged model. The engine runs it as a whole-model
 step (`whole_model = True`): `whole_model_problems` at preflight, then `optimize` before the
 output is written; the arithmetic is in `merge_service.adarank`.
+
+Where METHODS.md leaves a choice open, we take these (README, "AdaRank"):
+- `X_t = w_t (θ_t − θ_b)`: the per-model weight scales the task vector as in every other
+  method, so that all masks kept and λ = 1 is task arithmetic with alpha 1 for any weights.
+- Batches: each step draws `batch_size` inputs per task from a per-pass permutation seeded by
+  (`options.seed`, task name) on the CPU; runs are reproducible.
+- Causal LMs: the mean over the batch's non-padding positions (each position is one x).
+- Texts are truncated to 512 tokens (or the model's limit when lower).
+- The loss curve is the summed minibatch entropy at each step, before its update; the report
+  adds each task's entropy over its whole calibration set before and after, with hard masks.
 """
 
 from __future__ import annotations
