@@ -53,8 +53,7 @@ def _page(request: Request, template: str, title: str, **context: object) -> HTM
 
 
 def _has_schedules(request: Request) -> bool:
-    return any(getattr(route, "path", "").startswith("/v1/schedules")
-               for route in request.app.routes)
+    return "/v1/schedules" in request.app.openapi()["paths"]  # built once, then cached
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
