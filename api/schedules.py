@@ -106,6 +106,22 @@ class ScheduleService:
 
 
 _made = threading.Lock()
+_EXAMPLES = {
+    "hub_collection": {"summary": "every adapter of a Hub collection, nightly, to the Hub",
+                       "value": {"name": "support-nightly", "cron": "0 2 * * *",
+                                 "base": "sentence-transformers/all-MiniLM-L6-v2",
+                                 "collection": {"hub_collection":
+                                                "acme/support-adapters-6650f0c2a1b2c3d4e5f60718"},
+                                 "template": {"method": {"name": "tsv"},
+                                              "output": {"format": "lora"}},
+                                 "destination": "hub://acme/support-merged"}},
+    "directory": {"summary": "the adapters of a local directory, every 10 minutes",
+                  "value": {"name": "local", "every_seconds": 600, "base": "/data/base",
+                            "collection": {"directory": "/data/adapters"},
+                            "template": {"method": {"name": "ties",
+                                                   "params": {"density": 0.2}}},
+                            "destination": "/data/merged"}},
+}
 
 
 def schedules(request: Request) -> ScheduleService:
@@ -124,9 +140,9 @@ def schedules(request: Request) -> ScheduleService:
              responses={422: {"model": ErrorResponse, "description": "every problem"}},
              summary="Create a schedule")
 def create_schedule(request: Request, response: Response,
-                    body: Annotated[ScheduleCreate, Body(description="name, cron or "
-                                                         "every_seconds, base, collection, "
-                                                         "template, destination")],
+                    body: Annotated[ScheduleCreate, Body(
+                        description="name, cron or every_seconds, base, collection, template, "
+                        "destination", openapi_examples=_EXAMPLES)],
                     principal: Submitter) -> Schedule:
     schedule = schedules(request).create(body, principal)
     response.headers["Location"] = f"/v1/schedules/{schedule.id}"

@@ -235,10 +235,21 @@ def test_create_validates_every_problem_and_checks_roles(env: Env, tmp_path: Pat
         assert "only the key that created" in response.json()["error"]["message"]
     assert env.client.delete(f"/v1/schedules/{sid}",
                              headers=env.headers("submit2")).status_code == 403
+    # while a tick of the schedule runs: run-now answers 409, a scheduled tick is recorded
+    # as skipped
+    token = env.schedules.acquire_tick(sid)
+    assert token is not None
+    busy = env.post(f"/v1/schedules/{sid}/run")
+    assert busy.status_code == 409 and busy.json()["error"]["type"] == "Conflict"
     assert env.post(f"/v1/schedules/{sid}/resume", "admin").json()["paused"] is False
     assert env.schedules.entry_exists(sid)
+    skipped = env.wait_runs(sid, 1, timeout=30)[0]
+    assert skipped["status"] == "skipped" and "still running" in skipped["reason"]
     assert env.post(f"/v1/schedules/{sid}/pause").json()["paused"] is True
     assert not env.schedules.entry_exists(sid)
+    env.schedules.release_tick(sid, token)
+    run = env.post(f"/v1/schedules/{sid}/run").json()  # an empty directory: nothing to merge
+    assert run["status"] == "skipped" and "0 adapter(s) to merge" in run["reason"]
     assert env.client.delete(f"/v1/schedules/{sid}", headers=env.headers("admin")
                              ).status_code == 204
 
@@ -265,6 +276,8 @@ def test_create_validates_every_problem_and_checks_roles(env: Env, tmp_path: Pat
 
     paths = env.get("/openapi.json").json()["paths"]
     assert {"post", "get"} <= set(paths["/v1/schedules"])
+    examples = paths["/v1/schedules"]["post"]["requestBody"]["content"]["application/json"]
+    assert set(examples["examples"]) == {"hub_collection", "directory"}
     assert {"get", "delete"} <= set(paths["/v1/schedules/{schedule_id}"])
     for action in ("run", "pause", "resume"):
         assert "post" in paths[f"/v1/schedules/{{schedule_id}}/{action}"]
