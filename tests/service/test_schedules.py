@@ -639,6 +639,20 @@ def test_content_hash_and_snapshot(tmp_path: Path, minilm_adapters: dict[str, Pa
         snapshot(adapter, first, snapshots)
     assert not (snapshots / first).exists() or not any((snapshots / first).iterdir())
 
+    # a snapshot no tick used for the keeping time is removed; one in use is kept
+    import os
+
+    from workers.schedules.collections import prune_snapshots
+
+    old = snapshot(copy_adapter(minilm_adapters["pattern"], tmp_path / "pattern"),
+                   content_hash(tmp_path / "pattern"), snapshots)
+    week_ago = time.time() - 8 * 86400
+    for path in (old.parent, copy.parent):
+        os.utime(path, (week_ago, week_ago))
+    assert snapshot(adapter, second, snapshots) == copy  # used again: its clock restarts
+    assert prune_snapshots(snapshots, 7 * 86400) == [old.parent]
+    assert not old.parent.exists() and content_hash(copy) == second
+
 
 # --- `merge-service up` ----------------------------------------------------------------------
 

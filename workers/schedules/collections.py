@@ -9,7 +9,8 @@
 
 A local adapter is also copied (once per content hash) to `DATA_DIR/schedule-inputs/HASH/NAME`
 and the job reads that copy: the job merges exactly the files that were hashed, even if the
-directory changes while the job waits in the queue.
+directory changes while the job waits in the queue. Copies no tick has used for a week are
+removed (`prune_snapshots`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,8 +122,13 @@ def _directory(directory: Path, snapshots: Path) -> ResolvedCollection:
     if not directory.is_dir():
         raise CollectionError(f"the collection directory {directory} does not exist or is not "
                               "a directory")
+    try:
+        entries = sorted(directory.iterdir())
+    except OSError as exc:
+        raise CollectionError(f"cannot list the collection directory {directory}: "
+                              f"{exc.strerror or exc}") from None
     found = ResolvedCollection()
-    for entry in sorted(directory.iterdir()):
+    for entry in entries:
         if entry.name.startswith("."):
             continue
         if not entry.is_dir() or not is_adapter_dir(entry):
@@ -179,6 +186,7 @@ def snapshot(directory: Path, revision: str, snapshots: Path) -> Path:
     was copied is not pinned under the wrong revision."""
     target = snapshots / revision / directory.name
     if target.is_dir():
+        os.utime(target.parent)  # in use: kept by `prune_snapshots` for another while
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.parent / f".{directory.name}.partial-{uuid.uuid4().hex[:8]}"
@@ -196,6 +204,23 @@ def snapshot(directory: Path, revision: str, snapshots: Path) -> Path:
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return target
+
+
+def prune_snapshots(snapshots: Path, keep_s: float) -> list[Path]:
+    """Remove the snapshots no tick has used for `keep_s` seconds (a job that is retried
+    within that time still finds its inputs); returns what was removed."""
+    if not snapshots.is_dir():
+        return []
+    cutoff = time.time() - keep_s
+    removed = []
+    for entry in snapshots.iterdir():
+        try:
+            if entry.is_dir() and entry.stat().st_mtime < cutoff:
+                shutil.rmtree(entry)
+                removed.append(entry)
+        except OSError:  # removed by another process meanwhile, or not ours to remove
+            continue
+    return removed
 
 
 def _name_uniquely(adapters: list[PinnedAdapter]) -> None:

@@ -40,6 +40,7 @@ RUNS_KEPT = 500
 TICK_LOCK_S = 3600  # a tick resolves a collection and preflights a job: minutes at most
 BEAT_MAX_INTERVAL_S = 1.0  # the scheduler looks at Redis this often: seconds-level schedules
 BEAT_LOCK_TIMEOUT_S = 15  # a scheduler that stopped is replaced after this long
+SLOT_CLAIM_S = 20 * BEAT_LOCK_TIMEOUT_S
 
 
 def make_beat_app(settings: Settings, redis_retry_s: float | None = None) -> Celery:
@@ -204,8 +205,10 @@ class ScheduleStore:
 
     def claim_slot(self, schedule_id: str, slot: str) -> bool:
         """True for the first scheduler that fires the tick identified by `slot`."""
+        # two schedulers can only see the same slot within a lock hand-over (both load the
+        # entries afresh every second): a short expiry, not a key per tick kept for days
         return bool(self.r.set(self._key(schedule_id, f"fired:{slot}"), "1", nx=True,
-                               ex=7 * 86400))
+                               ex=SLOT_CLAIM_S))
 
     def add_open(self, schedule_id: str, job_id: str, run_id: str, fingerprint: str) -> None:
         self.r.hset(self._key(schedule_id, "open"), job_id,

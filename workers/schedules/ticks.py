@@ -11,6 +11,7 @@ one in the API process.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -21,6 +22,7 @@ from workers.jobs import new_job_id, now
 from workers.schedules.collections import (
     CollectionError,
     ResolvedCollection,
+    prune_snapshots,
     resolve_collection,
 )
 from workers.schedules.models import LeftOut, PinnedAdapter, RunProblem, Schedule, ScheduleRun
@@ -30,6 +32,8 @@ if TYPE_CHECKING:
     from api.service import JobService
 
 log = logging.getLogger("merge_service.scheduler")
+SNAPSHOT_KEEP_S = 7 * 86400  # copies of local adapters no tick used for a week are removed
+PRUNE_EVERY_S = 3600.0
 Trigger = Literal["schedule", "manual"]
 
 
@@ -42,6 +46,7 @@ class Ticker:
     settings: Settings
     schedules: ScheduleStore
     jobs: JobService
+    _pruned_at: float = field(default=-float("inf"), init=False)
 
     @property
     def snapshots(self) -> Path:
@@ -75,11 +80,20 @@ class Ticker:
         finally:
             self.schedules.release_tick(schedule_id, token)
 
+    def _prune(self) -> None:
+        """At most once an hour per process: old snapshots of local adapters."""
+        if time.monotonic() - self._pruned_at < PRUNE_EVERY_S:
+            return
+        self._pruned_at = time.monotonic()
+        for path in prune_snapshots(self.snapshots, SNAPSHOT_KEEP_S):
+            log.info("removed the unused snapshot %s", path)
+
     def _draft(self, schedule: Schedule, trigger: Trigger) -> _Draft:
         return _Draft(id=new_job_id(), schedule_id=schedule.id, trigger=trigger,
                       started_at=now())
 
     def _run(self, schedule: Schedule, draft: _Draft, force: bool) -> ScheduleRun:
+        self._prune()
         try:
             found = resolve_collection(schedule.collection, self.settings.hub, self.snapshots)
         except CollectionError as exc:
