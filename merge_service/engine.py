@@ -381,15 +381,20 @@ def _lora_only(p: PreparedMerge, name: str) -> bool:
 def _merge_lora_module(p: PreparedMerge, name: str, out: _Outputs) -> dict[str, Any]:
     """One LoRA module in `core` or `knots` space: the method runs on small matrices."""
     like = torch.empty(0, device=p.device, dtype=p.compute_dtype)
-    # a method that ignores the per-model weights (rmm) gets the unweighted factors
-    inputs = p.inputs if p.method.uses_weights else [replace(t, weight=1.0) for t in p.inputs]
+    # a method that ignores the per-model weights (rmm) gets the unweighted factors; so does
+    # one that takes them as coefficients (drm), with the weights beside them
+    coefficients = p.method.weights_as_coefficients
+    inputs = p.inputs if p.method.uses_weights and not coefficients \
+        else [replace(t, weight=1.0) for t in p.inputs]
     factors = [task.lora_factors(name, like) for task in inputs]
     in_features = p.base.tensors[name].shape[1]
     space: CoreSpace | KnotsSpace = core_space(factors) if p.space == "core" \
         else knots_space(factors, in_features)
     small = space.cores if isinstance(space, CoreSpace) else space.blocks
-    # weights are folded into the factors: the rule sees w_t = 1 (METHODS.md section 10)
-    task = TensorTask(name=name, task_vectors=small, weights=[1.0] * len(small),
+    # weights are folded into the factors: the rule sees w_t = 1 (METHODS.md section 10),
+    # unless it takes them as coefficients
+    weights = [t.weight for t in p.inputs] if coefficients else [1.0] * len(small)
+    task = TensorTask(name=name, task_vectors=small, weights=weights,
                       task_names=[t.name for t in p.inputs], seed=p.spec.options.seed,
                       is_2d=True)
     result = p.method.merge(task)

@@ -99,6 +99,10 @@ class MergeMethod(ABC):
     # False for methods that ignore the per-model weights w_t (core space then builds the core
     # matrices from the unweighted factors).
     uses_weights: ClassVar[bool] = True
+    # True for methods that apply w_t themselves, as coefficients after a step that mixes the
+    # tasks (drm: after the shared decomposition and the sign election). In core and knots
+    # space they get the matrices of the unweighted factors, and the weights beside them.
+    weights_as_coefficients: ClassVar[bool] = False
 
     def __init__(self, params: MethodParams) -> None:
         self.params = params

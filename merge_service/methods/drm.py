@@ -1,4 +1,4 @@
-"""`drm` (METHODS.md section 11): Decom-Renorm-Merge (Chaichana et al., 2025).
+"""`drm` (METHODS.md section 11): Decom-Renorm-Merge (arXiv 2505.23117).
 
 The T task matrices are stacked side by side (`horizontal`) or on top of each other
 (`vertical`) and decomposed once, so that every task is written in one shared basis. Each
@@ -7,12 +7,13 @@ tasks together, sign-elected and averaged disjointly; the average is mapped back
 shared basis.
 
 LoRA spaces (METHODS.md section 10): in `core` and `knots` space the rule runs on the small
-matrices `M_t` (or `R_t`), into which the engine has already folded `w_t s_t`, and it is
-handed `w_t = 1`. So there `c_t = 1` and the per-model weight acts once, through the
-matrices themselves: it scales `Y_t` (and so `Z_t`) by `w_t` as `c_t` does in full space, but
-it also enters the shared decomposition, the sign election and (at `drop_rate: 0`) the
-disjoint mean, which in full space see the unweighted `τ_t`. With equal weights the spaces
-agree on this (a uniform weight `w` scales the merged delta by `w` in every space).
+matrices `M_t` (or `R_t`) instead of the `τ_t`. Section 10 has the engine fold `w_t s_t` into
+`B_t` and hand the rule `w_t = 1`; that is exact for the methods that weight each task first
+(`X_t = w_t τ_t`), but DRM applies `c_t = w_t` only after the shared decomposition and the
+sign election, and ignores the weights at `drop_rate: 0`. Folded weights would enter the
+decomposition, flip a task's sign vote for a negative weight and weight the rate-0 mean. So
+DRM sets `weights_as_coefficients`: its spaces are built from the unweighted factors (`s_t`
+folded, not `w_t`) and the rule gets the real `w_t` as `c_t`, in every space the same rule.
 """
 
 from __future__ import annotations
@@ -190,11 +191,12 @@ class Drm(MergeMethod):
     summary = ("Decompose the stacked task matrices once, renormalise each task's coordinates, "
                "prune, elect signs, disjoint mean (Decom-Renorm-Merge).")
     Params = DrmParams
+    weights_as_coefficients = True  # c_t = w_t after the decomposition, in LoRA spaces too
 
     def merge(self, task: TensorTask) -> TensorResult:
         p: DrmParams = self.params  # type: ignore[assignment]
         taus = task.task_vectors
-        coefficients = task.weights  # c_t = w_t (1 in core and knots space: see the docstring)
+        coefficients = task.weights  # c_t = w_t
         if not self.is_matrix(task):
             return TensorResult(non_matrix_merge(taus, coefficients, task.diagnostics)
                                 .mul_(p.alpha))
