@@ -23,11 +23,15 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from merge_service.sources.lora import is_adapter_dir
 from merge_service.sources.resolve import HubOptions, looks_local
 from merge_service.spec import derive_task_name
 from workers.schedules.models import CollectionSpec, LeftOut, PinnedAdapter, RunProblem
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
 
 
 class CollectionError(Exception):
@@ -80,10 +84,10 @@ def _hub_collection(slug: str, hub: HubOptions) -> ResolvedCollection:
     return found
 
 
-def _pin_hub_repo(api: object, repo_id: str, revision: str | None, found: ResolvedCollection,
+def _pin_hub_repo(api: HfApi, repo_id: str, revision: str | None, found: ResolvedCollection,
                   *, require_adapter: bool) -> None:
     try:
-        info = api.model_info(repo_id, revision=revision)  # type: ignore[attr-defined]
+        info = api.model_info(repo_id, revision=revision)
     except Exception as exc:
         found.left_out.append(LeftOut(origin=repo_id, revision=revision,
                                       reason=f"cannot read Hub repo {repo_id}: {_reason(exc)}"))

@@ -7,6 +7,7 @@ from datetime import datetime
 from pathlib import PurePosixPath
 from typing import Literal
 
+from celery.schedules import crontab
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from merge_service.errors import Problem
@@ -177,9 +178,8 @@ class RunList(BaseModel):
     runs: list[ScheduleRun] = Field(description="newest first")
 
 
-def cron_schedule(expression: str):  # -> celery.schedules.crontab
+def cron_schedule(expression: str) -> crontab:
     """A 5-field cron expression as a Celery crontab; ValueError naming the problem."""
-    from celery.schedules import crontab
 
     fields = expression.split()
     if len(fields) != 5:
