@@ -2,9 +2,9 @@
 // A chart is drawn only when the report holds its data:
 //   interference     tensors[name].interference (number)                          tsv
 //   spectra          tensors[name].singular_values (per task, descending)         tsv
-//   kept-rank        tensors[name].kept_rank (per task)                 tsv, tsv_compress, adarank
+//   kept-rank        tensors[name].kept_rank (list per task, or {task: rank})   tsv, adarank
 //   recovery         recovery.relative_error ({task: error})                      rmm
-//   loss             loss_curve, or <any top-level object>.loss_curve (numbers)   adarank
+//   loss             loss_curve, or <top-level object>.loss_curve (adarank.loss_curve)
 "use strict";
 
 const Charts = (() => {
@@ -222,11 +222,14 @@ const Charts = (() => {
                         Object.values(recovery), "relative error", "task"));
     }
 
-    const ranks = tensors.filter(([, t]) => Array.isArray(t.kept_rank));
+    // a list in task order (tsv, tsv_compress) or {task: rank} (adarank)
+    const ranks = tensors.filter(([, t]) => t.kept_rank && typeof t.kept_rank === "object");
     if (ranks.length) {
+      const first = ranks[0][1].kept_rank;
+      const columns = Array.isArray(first) ? first.map((_, k) => tasks[k] || `task ${k}`) : Object.keys(first);
+      const row = (kr) => (Array.isArray(kr) ? kr : columns.map((c) => kr[c] ?? 0));
       out.push(heatmap("kept-rank", "Kept rank per layer and task", ranks.map(([n]) => shortName(n)),
-                       ranks[0][1].kept_rank.map((_, k) => tasks[k] || `task ${k}`),
-                       ranks.map(([, t]) => t.kept_rank)));
+                       columns, ranks.map(([, t]) => row(t.kept_rank))));
     }
 
     const loss = lossCurve(report);

@@ -147,7 +147,6 @@ options:
       return;
     }
     $("method-select").replaceChildren(...methods.map((m) => el("option", { value: m.name }, m.name)));
-    describeMethod();
     const from = new URLSearchParams(window.location.search).get("from");
     if (from && /^[0-9a-f]{20}$/.test(from)) {
       try {
@@ -157,6 +156,10 @@ options:
         MS.notice(`Cannot load job ${from}: ${MS.errorText(e)}`);
       }
     }
+    // the catalog opens on the spec's method (block `method:\n  name: x`, flow or JSON forms)
+    const named = /(?:^|\n)\s*"?method"?\s*:\s*\{?\s*\n?\s*"?name"?\s*:\s*"?([\w-]+)/.exec(text.value);
+    if (named && methods.some((m) => m.name === named[1])) $("method-select").value = named[1];
+    describeMethod();
   }
 
   $("check").addEventListener("click", check);

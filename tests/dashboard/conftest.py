@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
 
 from tests.service.conftest import (  # noqa: F401  (fixtures, used by name)
     KEYS,
@@ -26,15 +27,13 @@ from tests.service.conftest import (  # noqa: F401  (fixtures, used by name)
 CHROMIUM = Path(os.environ.get("MERGE_SERVICE_TEST_CHROMIUM", "/usr/bin/chromium"))
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
-if not CHROMIUM.is_file():
-    pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's `chromium` package (.ci/run "
-                "does) or set MERGE_SERVICE_TEST_CHROMIUM", allow_module_level=True)
-
-from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def browser() -> Iterator[Browser]:
+    if not CHROMIUM.is_file():
+        pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's `chromium` package (.ci/run "
+                    "does) or set MERGE_SERVICE_TEST_CHROMIUM")
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
         yield chromium
