@@ -341,7 +341,17 @@ def test_openapi_documents_every_endpoint(client: TestClient) -> None:
         ("POST", "/v1/jobs/{job_id}/cancel"): "cancel_job",
         ("POST", "/v1/jobs/{job_id}/retry"): "retry_job",
         ("GET", "/v1/methods"): "list_methods", ("GET", "/healthz"): "healthz",
-        ("GET", "/readyz"): "readyz", ("GET", "/metrics"): "metrics"}
+        ("GET", "/readyz"): "readyz", ("GET", "/metrics"): "metrics",
+        ("POST", "/v1/jobs:validate"): "validate_job",
+        ("GET", "/v1/schedules"): "list_schedules", ("POST", "/v1/schedules"): "create_schedule",
+        ("GET", "/v1/schedules/{schedule_id}"): "get_schedule",
+        ("DELETE", "/v1/schedules/{schedule_id}"): "delete_schedule",
+        ("POST", "/v1/schedules/{schedule_id}/pause"): "pause_schedule",
+        ("POST", "/v1/schedules/{schedule_id}/resume"): "resume_schedule",
+        ("POST", "/v1/schedules/{schedule_id}/run"): "run_schedule",
+        ("GET", "/v1/schedules/{schedule_id}/runs"): "list_schedule_runs"}
+    validate = doc["paths"]["/v1/jobs:validate"]["post"]
+    assert set(validate["requestBody"]["content"]) == {"application/yaml", "application/json"}
     schemas = doc["components"]["schemas"]
     record = schemas["JobRecord"]["properties"]
     assert set(record) == {"id", "name", "status", "spec", "progress", "created_at",
