@@ -21,7 +21,7 @@ import torch
 from merge_service import __version__
 from merge_service.errors import MergeCancelled, MergeRuntimeError, PreflightError, Problem
 from merge_service.inputs import TaskInput
-from merge_service.methods import MergeMethod, TensorTask, build_method
+from merge_service.methods import MergeMethod, SumOfTerms, TensorTask, build_method
 from merge_service.preflight import (
     base_identity,
     effective_space,
@@ -333,6 +333,8 @@ class _Outputs:
 
 def _merge_tensor(p: PreparedMerge, name: str, out: _Outputs) -> dict[str, Any]:
     base = p.base.get(name).to(p.device, p.compute_dtype)
+    if isinstance(p.method, SumOfTerms):
+        return _sum_tensor(p, p.method, name, base, out)
     vectors, weights, names = [], [], []
     for task in p.inputs:
         tv = task.task_vector(name, base)
@@ -360,6 +362,30 @@ def _merge_tensor(p: PreparedMerge, name: str, out: _Outputs) -> dict[str, Any]:
     if out.artifact is not None:
         for key, value in result.artifact.items():
             out.artifact.add(name, key, _cast_output(value, p.output_dtype))
+    return {"action": "merged", **task.diagnostics}
+
+
+def _sum_tensor(p: PreparedMerge, method: SumOfTerms, name: str, base: torch.Tensor,
+                out: _Outputs) -> dict[str, Any]:
+    """`_merge_tensor` for methods that are a sum of per-task terms: one task vector in memory
+    at a time (a zero task still gets its term: DARE records every task's kept fraction)."""
+    task = TensorTask(name=name, task_vectors=[], weights=[t.weight for t in p.inputs],
+                      task_names=[t.name for t in p.inputs], seed=p.spec.options.seed,
+                      is_2d=base.dim() == 2)
+    total, changed = None, False
+    for t, task_input in enumerate(p.inputs):
+        tv = task_input.task_vector(name, base)
+        if tv is None:
+            tv = torch.zeros_like(base)
+        else:
+            changed = changed or bool(tv.any())
+        total = method.accumulate(total, method.term(task, t, tv), task_input.weight)
+        del tv
+    if not changed:  # METHODS.md section 0: a tensor whose deltas are all zero is copied
+        out.add_merged(p, name, p.base.get(name))
+        return {"action": "unchanged"}
+    assert total is not None
+    out.add_merged(p, name, base.add_(method.finish(task, total)))
     return {"action": "merged", **task.diagnostics}
 
 

@@ -12,7 +12,7 @@ import yaml
 from merge_service import __version__
 from merge_service.engine import Progress, prepare, run_merge
 from merge_service.errors import CorruptTensorError, MergeCancelled, PreflightError
-from merge_service.methods import available
+from merge_service.methods import SumOfTerms, TensorTask, available, build_method
 from merge_service.spec import load_spec, spec_from_dict
 from tests.conftest import (
     Synthetic,
@@ -186,6 +186,41 @@ def test_all_zero_deltas_are_unchanged_and_bit_identical(synthetic: Synthetic,
     assert report["summary"]["merged"] == sum(
         1 for n, v in synthetic.base_tensors.items()
         if v.is_floating_point() and n not in untouched)
+
+
+@pytest.mark.parametrize(("method", "params"), [
+    ("task_arithmetic", {"alpha": 0.7}), ("average", {}),
+    ("dare_linear", {"density": 0.4, "alpha": 1.5})])
+def test_sum_methods_stream_one_task_at_a_time_with_the_same_result(
+        synthetic: Synthetic, tmp_path: Path, method: str, params: dict) -> None:
+    """The engine streams task vectors through `SumOfTerms` methods; the result is the same,
+    bit for bit, as the method's own `merge` on every task vector held at once."""
+    untouched = [n for n in synthetic.base_tensors if n.startswith("layers.1.")]
+    for path, tensors in zip(synthetic.tasks, synthetic.task_tensors, strict=True):
+        write_checkpoint(path, {**tensors, **{n: synthetic.base_tensors[n] for n in untouched}})
+    out = tmp_path / "out"
+    models = [{"source": str(t), "weight": w} for t, w in zip(synthetic.tasks, (0.5, 2.0),
+                                                               strict=True)]
+    report = run_merge(spec_from_dict(job(synthetic.base, models, out, method=method,
+                                          params=params,
+                                          options={"compute_dtype": "float64"}))).report
+    merged = read_tensors(out)
+    instance = build_method(method, params)[0]
+    assert isinstance(instance, SumOfTerms)
+    for name, theta0 in synthetic.base_tensors.items():
+        if not theta0.is_floating_point():
+            continue
+        if name in untouched:
+            assert report["tensors"][name] == {"action": "unchanged"}
+            assert torch.equal(merged[name], theta0)
+            continue
+        task = TensorTask(name=name, weights=[0.5, 2.0], task_names=["task1", "task2"],
+                          task_vectors=[t[name].double() - theta0.double()
+                                        for t in synthetic.task_tensors])
+        delta = instance.merge(task).delta
+        assert delta is not None
+        assert torch.equal(merged[name], (theta0.double() + delta).to(theta0.dtype)), name
+        assert report["tensors"][name] == {"action": "merged", **task.diagnostics}
 
 
 # --------------------------------------------------------------------------------------------

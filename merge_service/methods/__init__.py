@@ -9,7 +9,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from merge_service.errors import Problem
-from merge_service.methods.base import MergeMethod, MethodParams, TensorResult, TensorTask
+from merge_service.methods.base import (
+    MergeMethod,
+    MethodParams,
+    SumOfTerms,
+    TensorResult,
+    TensorTask,
+)
 
 _REGISTRY: dict[str, type[MergeMethod]] = {}
 _loaded = False
@@ -82,6 +88,6 @@ def catalog() -> list[dict[str, Any]]:
 
 
 __all__ = [
-    "MergeMethod", "MethodParams", "TensorResult", "TensorTask",
+    "MergeMethod", "MethodParams", "SumOfTerms", "TensorResult", "TensorTask",
     "available", "build_method", "catalog", "get_method_class", "register",
 ]

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import torch
+
 from merge_service.methods import register
-from merge_service.methods.base import MergeMethod, TensorResult, TensorTask
-from merge_service.methods.linalg import weighted_sum
+from merge_service.methods.base import SumOfTerms, TensorTask
 
 
 @register
-class Average(MergeMethod):
+class Average(SumOfTerms):
     name = "average"
     summary = "Weighted mean of the models: θ = Σ w_t θ_t / Σ w_t."
     spaces = frozenset({"full"})
     output_formats = frozenset({"full"})
 
-    def merge(self, task: TensorTask) -> TensorResult:
+    def term(self, task: TensorTask, t: int, task_vector: torch.Tensor) -> torch.Tensor:
+        return task_vector
+
+    def finish(self, task: TensorTask, total: torch.Tensor) -> torch.Tensor:
         # θ0 + Σ w τ / Σ w = Σ w θ / Σ w
-        total = sum(task.weights)
-        return TensorResult(weighted_sum(task.task_vectors, task.weights) / total)
+        return total.div_(sum(task.weights))

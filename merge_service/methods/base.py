@@ -128,3 +128,36 @@ class MergeMethod(ABC):
     def reconstruct(cls, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """Artifact methods: one task's delta of one tensor from its stored parts."""
         raise NotImplementedError(f"{cls.name} writes no artifact")
+
+
+class SumOfTerms(MergeMethod):
+    """A method whose delta is `finish(Σ_t w_t · term_t)`, each term depending on one task
+    only (`task_arithmetic`, `average`, `dare_linear`).
+
+    The engine streams these on full tensors: it reads one task vector at a time and adds its
+    term to a running sum, so a merge holds three tensors (base, sum, the task being read)
+    instead of T + 1. `merge` is the same arithmetic on task vectors already in memory (LoRA
+    spaces, tests); both paths accumulate in the same order, so they agree bit for bit.
+    """
+
+    @abstractmethod
+    def term(self, task: TensorTask, t: int, task_vector: torch.Tensor) -> torch.Tensor:
+        """Task t's term, before its weight; may overwrite `task_vector` (the method's)."""
+
+    def finish(self, task: TensorTask, total: torch.Tensor) -> torch.Tensor:
+        """The delta from `Σ_t w_t · term_t` (may work in place)."""
+        return total
+
+    @staticmethod
+    def accumulate(total: torch.Tensor | None, term: torch.Tensor, weight: float
+                   ) -> torch.Tensor:
+        if total is None:
+            return term if weight == 1.0 else term.mul_(weight)
+        return total.add_(term, alpha=weight)
+
+    def merge(self, task: TensorTask) -> TensorResult:
+        total = None
+        for t, (tv, w) in enumerate(zip(task.task_vectors, task.weights, strict=True)):
+            total = self.accumulate(total, self.term(task, t, tv), w)
+        assert total is not None  # a merge has at least two tasks
+        return TensorResult(self.finish(task, total))

@@ -12,8 +12,14 @@ import torch
 from pydantic import Field
 
 from merge_service.methods import register
-from merge_service.methods.base import MergeMethod, MethodParams, TensorResult, TensorTask
-from merge_service.methods.linalg import disjoint_mean, sign_election, weighted_sum_
+from merge_service.methods.base import (
+    MergeMethod,
+    MethodParams,
+    SumOfTerms,
+    TensorResult,
+    TensorTask,
+)
+from merge_service.methods.linalg import disjoint_mean, sign_election
 
 
 class DareParams(MethodParams):
@@ -42,33 +48,30 @@ class _Dare(MergeMethod):
 
     Params = DareParams
 
-    def drop_and_rescale(self, task: TensorTask) -> list[torch.Tensor]:
-        """`τ̂_t = M_t ⊙ τ_t / density`; records each task's kept fraction."""
+    def rescaled(self, task: TensorTask, t: int, task_vector: torch.Tensor) -> torch.Tensor:
+        """`τ̂_t = M_t ⊙ τ_t / density`, in place; records the task's kept fraction."""
         p: DareParams = self.params  # type: ignore[assignment]
+        kept = task.diagnostics.setdefault("kept_fraction", [])
         if p.density == 1.0:  # rand() < 1 always: every entry is kept, nothing is rescaled
-            task.diagnostics["kept_fraction"] = [1.0] * task.num_tasks
-            return list(task.task_vectors)
-        rescaled: list[torch.Tensor] = []
-        kept: list[torch.Tensor] = []
-        for t, tv in enumerate(task.task_vectors):
-            mask = keep_mask(tv.shape, p.density, mask_generator(task.seed, task.name, t))
-            kept.append(torch.count_nonzero(mask))  # counted on the CPU: no device sync
-            drop = mask.logical_not_().to(tv.device)
-            rescaled.append(tv.masked_fill_(drop, 0).div_(p.density))  # in place: τ_t is ours
-        numel = max(1, task.task_vectors[0].numel())
-        task.diagnostics["kept_fraction"] = [int(k) / numel for k in kept]
-        return rescaled
+            kept.append(1.0)
+            return task_vector
+        mask = keep_mask(task_vector.shape, p.density, mask_generator(task.seed, task.name, t))
+        kept.append(int(torch.count_nonzero(mask)) / max(1, task_vector.numel()))
+        drop = mask.logical_not_().to(task_vector.device)
+        return task_vector.masked_fill_(drop, 0).div_(p.density)
 
 
 @register
-class DareLinear(_Dare):
+class DareLinear(_Dare, SumOfTerms):
     name = "dare_linear"
     summary = "Drop entries with probability 1 − density, rescale: Δ = alpha · Σ w_t τ̂_t."
 
-    def merge(self, task: TensorTask) -> TensorResult:
+    def term(self, task: TensorTask, t: int, task_vector: torch.Tensor) -> torch.Tensor:
+        return self.rescaled(task, t, task_vector)
+
+    def finish(self, task: TensorTask, total: torch.Tensor) -> torch.Tensor:
         p: DareParams = self.params  # type: ignore[assignment]
-        rescaled = self.drop_and_rescale(task)
-        return TensorResult(weighted_sum_(rescaled, task.weights).mul_(p.alpha))
+        return total.mul_(p.alpha)
 
 
 @register
@@ -79,6 +82,8 @@ class DareTies(_Dare):
     def merge(self, task: TensorTask) -> TensorResult:
         p: DareParams = self.params  # type: ignore[assignment]
         # X_t = w_t τ̂_t (no magnitude trim)
-        xs = [x if w == 1.0 else x * w
-              for x, w in zip(self.drop_and_rescale(task), task.weights, strict=True)]
+        xs = []
+        for t, (tv, w) in enumerate(zip(task.task_vectors, task.weights, strict=True)):
+            x = self.rescaled(task, t, tv)
+            xs.append(x if w == 1.0 else x.mul_(w))
         return TensorResult(p.alpha * disjoint_mean(xs, sign_election(xs)))

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 from pydantic import Field
 
 from merge_service.methods import register
-from merge_service.methods.base import MergeMethod, MethodParams, TensorResult, TensorTask
-from merge_service.methods.linalg import weighted_sum_
+from merge_service.methods.base import MethodParams, SumOfTerms, TensorTask
 
 
 class TaskArithmeticParams(MethodParams):
@@ -14,11 +14,14 @@ class TaskArithmeticParams(MethodParams):
 
 
 @register
-class TaskArithmetic(MergeMethod):
+class TaskArithmetic(SumOfTerms):
     name = "task_arithmetic"
     summary = "Δ = alpha · Σ w_t τ_t (Ilharco et al., 2023)."
     Params = TaskArithmeticParams
 
-    def merge(self, task: TensorTask) -> TensorResult:
+    def term(self, task: TensorTask, t: int, task_vector: torch.Tensor) -> torch.Tensor:
+        return task_vector
+
+    def finish(self, task: TensorTask, total: torch.Tensor) -> torch.Tensor:
         p: TaskArithmeticParams = self.params  # type: ignore[assignment]
-        return TensorResult(weighted_sum_(task.task_vectors, task.weights).mul_(p.alpha))
+        return total.mul_(p.alpha)

@@ -59,15 +59,14 @@ def test_kept_entries_are_rescaled_by_one_over_density() -> None:
 
 @pytest.mark.parametrize("shape", [(12, 9), (30,)])
 def test_dare_linear_at_density_one_is_task_arithmetic(shape: tuple[int, ...]) -> None:
-    task = tasks(shape=shape)
-    assert torch.equal(merge("dare_linear", task, density=1.0, alpha=0.3),
-                       merge("task_arithmetic", task, alpha=0.3))
+    # methods own their inputs: each merge gets its own copy
+    assert torch.equal(merge("dare_linear", tasks(shape=shape), density=1.0, alpha=0.3),
+                       merge("task_arithmetic", tasks(shape=shape), alpha=0.3))
 
 
 def test_dare_ties_at_density_one_is_ties_at_density_one() -> None:
-    task = tasks()
-    assert torch.equal(merge("dare_ties", task, density=1.0, alpha=0.8),
-                       merge("ties", task, density=1.0, alpha=0.8))
+    assert torch.equal(merge("dare_ties", tasks(), density=1.0, alpha=0.8),
+                       merge("ties", tasks(), density=1.0, alpha=0.8))
 
 
 def test_dare_ties_elects_signs_over_the_weighted_rescaled_vectors() -> None:
