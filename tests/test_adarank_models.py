@@ -501,3 +501,18 @@ def test_built_in_heads_use_each_tasks_own_classifier(tiny_classifier, tmp_path:
                             tmp_path / "out", "adarank",
                             calibration={"ft1": cal["ft1"], "headless": cal["ft1"]}))
     assert any(p.startswith("headless: no classification head found") for p in found), found
+
+
+def test_base_without_a_tokenizer(tiny_llama: Path, llama_adapters: dict[str, Path],
+                                  llama_calibration: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    bare = tmp_path / "tiny-llama"  # the adapters name their base by this directory name
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_llama / name, bare / name)
+    models = [{"source": str(p), "name": n} for n, p in llama_adapters.items()]
+    found = problems_of(llama_job(bare, models, tmp_path / "out", llama_calibration))
+    assert len(found) == 1 and found[0].startswith("base: adarank tokenizes the calibration "
+                                                   "data with the base's tokenizer"), found
+    assert_nothing_written(tmp_path / "out")
