@@ -19,7 +19,7 @@ from merge_service.methods.base import (
     TensorResult,
     TensorTask,
 )
-from merge_service.methods.linalg import disjoint_mean, sign_election
+from merge_service.methods.linalg import elected_disjoint_mean_
 
 
 class DareParams(MethodParams):
@@ -86,4 +86,6 @@ class DareTies(_Dare):
         for t, (tv, w) in enumerate(zip(task.task_vectors, task.weights, strict=True)):
             x = self.rescaled(task, t, tv)
             xs.append(x if w == 1.0 else x.mul_(w))
-        return TensorResult(p.alpha * disjoint_mean(xs, sign_election(xs)))
+        merged, conflict = elected_disjoint_mean_(xs)
+        task.diagnostics["sign_conflict"] = float(conflict)
+        return TensorResult(merged.mul_(p.alpha))

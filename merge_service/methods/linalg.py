@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from fractions import Fraction
 
 import torch
@@ -76,20 +76,25 @@ _INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 _CHUNK = 1 << 24
 
 
-def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest of non-negative floats (a 0-d tensor), by radix select.
+def kth_largest(values: torch.Tensor, k: int, *, of_magnitude: bool = False) -> torch.Tensor:
+    """The k-th largest of non-negative floats (a 0-d tensor), by radix select; with
+    `of_magnitude`, the k-th largest |value| of any floats (without forming |values|).
 
     Non-negative IEEE floats order like their bit patterns read as integers, so the k-th
     largest is found digit by digit (16 bits at a time) from chunked histograms: linear time
     and O(chunk) extra memory. `torch.kthvalue` on an embedding-sized tensor (262M entries)
     takes 14 s and 4 GB extra here; this takes a fraction of that.
     """
-    bits = values.reshape(-1).view(_INT_VIEW[values.element_size()])
+    int_dtype = _INT_VIEW[values.element_size()]
+    bits = values.reshape(-1).view(int_dtype)
     nbits = 8 * values.element_size()
+    magnitude_bits = torch.iinfo(int_dtype).max  # every bit but the sign bit
     prefix, remaining = 0, k
     for shift in range(nbits - 16, -1, -16):
         hist = torch.zeros(1 << 16, dtype=torch.int64, device=values.device)
         for chunk in bits.split(_CHUNK):
+            if of_magnitude:
+                chunk = chunk & magnitude_bits
             if shift + 16 < nbits:  # only the entries whose higher digits match so far
                 chunk = chunk[(chunk >> (shift + 16)) == prefix]
             hist += torch.bincount(((chunk >> shift) & 0xFFFF).long(), minlength=1 << 16)
@@ -100,12 +105,22 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.tensor(prefix, dtype=bits.dtype, device=values.device).view(values.dtype)
 
 
+def flat_chunks(xs: Sequence[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    """Matching chunks of flat views of equally shaped contiguous tensors. Entrywise rules
+    (sign election, disjoint mean, trimming) applied chunk by chunk need O(chunk) temporaries
+    instead of several whole-tensor ones: on a 262M-entry embedding, gigabytes."""
+    flats = [x.view(-1) for x in xs]
+    for start in range(0, flats[0].numel(), _CHUNK):
+        yield [f[start:start + _CHUNK] for f in flats]
+
+
 def magnitude_trim(x: torch.Tensor, density: float, *, inplace: bool = False) -> torch.Tensor:
     """Keep the `floor(density · numel)` entries of largest |x| (ties: lower index first).
 
     Selection by threshold (k-th largest magnitude) instead of `torch.topk`: linear time and
     memory on embedding-sized tensors, and the tie rule is explicit rather than left to the
-    sort implementation. `inplace=True` zeroes the dropped entries of `x` itself.
+    sort implementation. `inplace=True` zeroes the dropped entries of `x` itself when `x` is
+    contiguous (else of a contiguous copy); use the returned tensor.
     """
     n = x.numel()
     k = fraction_floor(density, n)
@@ -113,21 +128,40 @@ def magnitude_trim(x: torch.Tensor, density: float, *, inplace: bool = False) ->
         return x if inplace else x.clone()
     if k <= 0:
         return x.zero_() if inplace else torch.zeros_like(x)
-    mag = x.reshape(-1).abs()
-    threshold = kth_largest(mag, k)
-    keep = mag > threshold
-    need = k - int(torch.count_nonzero(keep))
-    # Entries equal to the threshold: the first `need` by index, scanning in chunks and
-    # stopping early (there is at least one: the threshold itself).
-    for start in range(0, n, _CHUNK):
-        if need <= 0:
-            break
-        hits = (mag[start:start + _CHUNK] == threshold).nonzero().squeeze(1)[:need]
-        keep[hits + start] = True
-        need -= hits.numel()
-    del mag
-    drop = keep.logical_not_().reshape(x.shape)
-    return x.masked_fill_(drop, 0) if inplace else x.masked_fill(drop, 0)
+    x = x.contiguous() if inplace else x.clone(memory_format=torch.contiguous_format)
+    threshold = kth_largest(x, k, of_magnitude=True)
+    above = torch.zeros((), dtype=torch.int64, device=x.device)
+    for (chunk,) in flat_chunks([x]):
+        above += torch.count_nonzero(chunk.abs() > threshold)
+    # Entries equal to the threshold: the first `need` by index (there is at least one: the
+    # threshold itself).
+    need = k - int(above)
+    for (chunk,) in flat_chunks([x]):
+        mag = chunk.abs()
+        keep = mag > threshold
+        if need > 0:
+            hits = (mag == threshold).nonzero().squeeze(1)[:need]
+            keep[hits] = True
+            need -= hits.numel()
+        chunk.masked_fill_(keep.logical_not_(), 0)
+    return x
+
+
+def elected_disjoint_mean_(xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`disjoint_mean(xs, sign_election(xs))`, chunk by chunk, written into `xs[0]` (the
+    caller's own tensors; a non-contiguous one is copied first). Also returns the share of the
+    non-zero entries whose sign was elected against (a 0-d tensor: no device sync here)."""
+    xs = [x.contiguous() for x in xs]
+    kept = torch.zeros((), dtype=torch.int64, device=xs[0].device)
+    against = torch.zeros((), dtype=torch.int64, device=xs[0].device)
+    for parts in flat_chunks(xs):
+        gamma = sign_election(parts)
+        for x in parts:
+            nonzero = x != 0
+            kept += nonzero.sum()
+            against += (nonzero & (torch.sign(x) != gamma)).sum()
+        parts[0].copy_(disjoint_mean(parts, gamma))
+    return xs[0], against / kept.clamp_min(1)
 
 
 def fraction_floor(fraction: float, n: int) -> int:

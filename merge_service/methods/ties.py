@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field
 
 from merge_service.methods import register
 from merge_service.methods.base import MergeMethod, MethodParams, TensorResult, TensorTask
-from merge_service.methods.linalg import disjoint_mean, magnitude_trim, sign_election
+from merge_service.methods.linalg import elected_disjoint_mean_, magnitude_trim
 
 
 class TiesParams(MethodParams):
@@ -17,17 +16,6 @@ class TiesParams(MethodParams):
                     "(k = floor(density · numel))",
     )
     alpha: float = Field(1.0, description="scale of the merged task vector")
-
-
-def sign_conflict_fraction(xs: list[torch.Tensor], gamma: torch.Tensor) -> torch.Tensor:
-    """Share of the kept (non-zero) entries whose sign was elected against (a 0-d tensor)."""
-    kept = torch.zeros((), dtype=torch.int64, device=gamma.device)
-    against = torch.zeros((), dtype=torch.int64, device=gamma.device)
-    for x in xs:
-        nonzero = x != 0
-        kept += nonzero.sum()
-        against += (nonzero & (torch.sign(x) != gamma)).sum()
-    return against / kept.clamp_min(1)
 
 
 @register
@@ -43,6 +31,6 @@ class Ties(MergeMethod):
         for tv, w in zip(task.task_vectors, task.weights, strict=True):
             trimmed = magnitude_trim(tv, p.density, inplace=True)
             xs.append(trimmed if w == 1.0 else trimmed.mul_(w))
-        gamma = sign_election(xs)
-        task.diagnostics["sign_conflict"] = float(sign_conflict_fraction(xs, gamma).item())
-        return TensorResult(p.alpha * disjoint_mean(xs, gamma))
+        merged, conflict = elected_disjoint_mean_(xs)
+        task.diagnostics["sign_conflict"] = float(conflict)
+        return TensorResult(merged.mul_(p.alpha))
