@@ -140,10 +140,23 @@ def wordnet_noun_lexfile() -> dict[str, list[str]]:
                                 "noun.communication", "noun.state"])
 
 
-def wordnet_verb_lexfile() -> dict[str, list[str]]:
-    """A verb's definition -> its lexicographer file."""
-    return _by_lexfile("verb", ["verb.change", "verb.cognition", "verb.communication",
-                                "verb.contact", "verb.motion", "verb.possession"])
+def word_pos() -> dict[str, list[str]]:
+    """A single word -> its part of speech, for the words WordNet lists under exactly one
+    (index.noun, index.verb, index.adj, index.adv; no compounds)."""
+    seen: dict[str, set[str]] = {}
+    for label, pos in (("noun", "noun"), ("verb", "verb"), ("adjective", "adj"),
+                       ("adverb", "adv")):
+        for line in _read(WORDNET / f"index.{pos}").splitlines():
+            if line.startswith("  "):
+                continue  # the licence header
+            lemma = line.split(" ", 1)[0]
+            if lemma.isalpha() and len(lemma) >= 3:
+                seen.setdefault(lemma, set()).add(label)
+    out: dict[str, list[str]] = {"noun": [], "verb": [], "adjective": [], "adverb": []}
+    for lemma, labels in sorted(seen.items()):
+        if len(labels) == 1:
+            out[next(iter(labels))].append(lemma)
+    return out
 
 
 FORTUNE_TOPICS = ("computers", "education", "food", "law", "politics", "science")
@@ -192,7 +205,7 @@ def fortune_topic_es() -> dict[str, list[str]]:
 TASKS: dict[str, Callable[[random.Random], dict[str, list[str]]]] = {
     "wordnet_pos": lambda rng: wordnet_pos(),
     "wordnet_noun_lexfile": lambda rng: wordnet_noun_lexfile(),
-    "wordnet_verb_lexfile": lambda rng: wordnet_verb_lexfile(),
+    "word_pos": lambda rng: word_pos(),
     "fortune_topic": lambda rng: fortune_topic(),
     "word_language": word_language,
     "fortune_topic_es": lambda rng: fortune_topic_es(),

@@ -76,12 +76,13 @@ class Recipe:
 # Ranks differ across tasks so that adapters of different ranks exist (4, 8, 16).
 RECIPES: dict[str, Recipe] = {
     "wordnet_pos": Recipe(rank=4, epochs=2, head_init="random"),
-    "wordnet_noun_lexfile": Recipe(rank=8, epochs=1, head_lr=1e-3),
-    "wordnet_verb_lexfile": Recipe(rank=16, epochs=1, head_lr=1e-3),
-    "fortune_topic": Recipe(rank=8, epochs=2, head_lr=1e-3),
-    "word_language": Recipe(rank=16, epochs=1, head_lr=1e-3),
-    "fortune_topic_es": Recipe(rank=4, epochs=2, head_lr=1e-3),
+    "wordnet_noun_lexfile": Recipe(rank=8, epochs=3, lr=2e-3, head_lr=2e-3),
+    "word_pos": Recipe(rank=16, epochs=3, lr=2e-3, head_lr=2e-3),
+    "fortune_topic": Recipe(rank=8, epochs=5, lr=2e-3, head_lr=2e-3),
+    "word_language": Recipe(rank=16, epochs=3, lr=2e-3, head_lr=2e-3),
+    "fortune_topic_es": Recipe(rank=4, epochs=5, lr=2e-3, head_lr=2e-3),
 }
+
 BASELINE_WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)
 
 
