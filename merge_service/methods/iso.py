@@ -16,6 +16,7 @@ from merge_service.methods.linalg import (
     polar,
     svd,
     weighted_sum,
+    weighted_sum_,
 )
 
 
@@ -35,7 +36,7 @@ class _Isotropic(MergeMethod):
     def non_matrix(self, task: TensorTask) -> TensorResult:
         """`Δ = alpha · (1/T) Σ_t w_t τ_t`."""
         alpha: float = self.params.alpha  # type: ignore[attr-defined]
-        return TensorResult(weighted_sum(task.task_vectors, task.weights)
+        return TensorResult(weighted_sum_(task.task_vectors, task.weights)
                             .mul_(alpha / task.num_tasks))
 
 

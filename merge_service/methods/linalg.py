@@ -46,6 +46,15 @@ def weighted_sum(xs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.
     return out
 
 
+def weighted_sum_(xs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """`Σ_t w_t X_t` accumulated into `xs[0]` (for methods that own their inputs): no
+    whole-tensor temporary."""
+    total = xs[0] if weights[0] == 1.0 else xs[0].mul_(weights[0])
+    for x, w in zip(xs[1:], weights[1:], strict=True):
+        total.add_(x, alpha=w)
+    return total
+
+
 def sign_election(xs: Sequence[torch.Tensor]) -> torch.Tensor:
     """`γ = sign(Σ_t X_t)` entrywise, +1 where the sum is 0."""
     total = xs[0].clone()

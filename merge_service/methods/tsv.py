@@ -7,7 +7,7 @@ from pydantic import Field
 
 from merge_service.methods import register
 from merge_service.methods.base import MergeMethod, SvdParams, TensorResult, TensorTask
-from merge_service.methods.linalg import numerical_rank, polar, svd, weighted_sum
+from merge_service.methods.linalg import numerical_rank, polar, svd, weighted_sum_
 
 SPECTRUM_LENGTH = 64  # leading singular values of each task per matrix, kept for the report
 
@@ -37,7 +37,7 @@ class Tsv(MergeMethod):
         num_tasks = task.num_tasks
         if not self.is_matrix(task):
             # alpha · (1/T) Σ_t X_t: the mean, as the reference code does
-            return TensorResult(weighted_sum(task.task_vectors, task.weights)
+            return TensorResult(weighted_sum_(task.task_vectors, task.weights)
                                 .mul_(p.alpha / num_tasks))
 
         xs = task.weighted()  # X_t = w_t τ_t, each m × n
