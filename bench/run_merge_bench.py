@@ -382,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-mergekit", action="store_true")
     parser.add_argument("--no-mergekit-bf16", action="store_true",
                         help="skip mergekit's default (bfloat16 arithmetic) runs")
+    parser.add_argument("--no-mergekit-float32", action="store_true",
+                        help="skip mergekit's `dtype: float32` runs")
     parser.add_argument("--tsv", choices=["subset", "full"], default="subset")
     parser.add_argument("--cache", choices=["cold", "warm", "auto"], default="auto")
     parser.add_argument("--repeat", type=int, default=1,
@@ -428,8 +430,8 @@ def main(argv: list[str] | None = None) -> int:
                                  output=str(out)), out))
         if args.no_mergekit or method not in ("task_arithmetic", "ties"):
             continue
-        variants = [("float32", "float32")] + ([] if args.no_mergekit_bf16 else
-                                                [("bfloat16", None)])
+        variants = ([] if args.no_mergekit_float32 else [("float32", "float32")]) + \
+            ([] if args.no_mergekit_bf16 else [("bfloat16", None)])
         for variant, dtype in variants:
             out = work / f"mergekit-{method}-{variant}"
             config = work / "specs" / f"mergekit-{method}-{variant}.yaml"
