@@ -126,7 +126,8 @@ def components(sigma: torch.Tensor) -> int:
 def drm_horizontal(taus: Sequence[torch.Tensor], coefficients: Sequence[float], drop_rate: float,
                    diagnostics: dict[str, Any]) -> torch.Tensor:
     """`X = [τ_1 … τ_T]` (m × T n'), shared `U`; returns `U[:, :R] Ȳ` (without alpha)."""
-    u, sigma, _ = torch.linalg.svd(torch.cat(list(taus), dim=1), full_matrices=False)
+    u, sigma, vh = torch.linalg.svd(torch.cat(list(taus), dim=1), full_matrices=False)
+    del vh  # K × T·n', as large as X: the blocks are taken from U below
     rank = components(sigma)
     diagnostics["rank"] = rank
     if rank == 0:
@@ -142,7 +143,8 @@ def drm_horizontal(taus: Sequence[torch.Tensor], coefficients: Sequence[float], 
 def drm_vertical(taus: Sequence[torch.Tensor], coefficients: Sequence[float], drop_rate: float,
                  diagnostics: dict[str, Any]) -> torch.Tensor:
     """`X = [τ_1; …; τ_T]` (T m × n'), shared `Vᵀ`; returns `Ū Vᵀ[:R]` (without alpha)."""
-    _, sigma, vh = torch.linalg.svd(torch.cat(list(taus), dim=0), full_matrices=False)
+    u, sigma, vh = torch.linalg.svd(torch.cat(list(taus), dim=0), full_matrices=False)
+    del u  # T·m × K, as large as X: the blocks are taken from V below
     rank = components(sigma)
     diagnostics["rank"] = rank
     if rank == 0:
