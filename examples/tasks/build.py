@@ -1,7 +1,7 @@
 """Build the example text-classification tasks from text that ships in Debian packages.
 
-    apt-get install wordnet-base fortunes fortunes-es fortunes-it \
-        wamerican wfrench wngerman witalian wspanish wportuguese
+    apt-get install wordnet-base fortunes-es \
+        wamerican wbritish wfrench wngerman witalian wspanish wportuguese
     python examples/tasks/build.py            # writes examples/tasks/<task>/*.jsonl
 
 Every choice is seeded, so the same package versions give byte-identical files; the built files
@@ -159,13 +159,13 @@ def word_pos() -> dict[str, list[str]]:
     return out
 
 
-FORTUNE_TOPICS = ("computers", "education", "food", "law", "politics", "science")
-
-
-def fortune_topic() -> dict[str, list[str]]:
-    """A fortune cookie -> the fortune file (topic) it comes from (fortunes package)."""
-    return {topic: [c for c in fortunes(FORTUNES / topic) if 20 <= len(c) <= 400]
-            for topic in FORTUNE_TOPICS}
+def word_spelling() -> dict[str, list[str]]:
+    """A single English word -> the spelling it is written in, American or British: the words
+    of exactly one of the two word lists (color/colour, organize/organise, center/centre,
+    traveled/travelled, esthetics/aesthetics)."""
+    american = set(words(DICT / "american-english"))
+    british = set(words(DICT / "british-english"))
+    return {"american": sorted(american - british), "british": sorted(british - american)}
 
 
 WORD_LISTS = {"english": "american-english", "french": "french", "german": "ngerman",
@@ -206,13 +206,12 @@ TASKS: dict[str, Callable[[random.Random], dict[str, list[str]]]] = {
     "wordnet_pos": lambda rng: wordnet_pos(),
     "wordnet_noun_lexfile": lambda rng: wordnet_noun_lexfile(),
     "word_pos": lambda rng: word_pos(),
-    "fortune_topic": lambda rng: fortune_topic(),
+    "word_spelling": lambda rng: word_spelling(),
     "word_language": word_language,
     "fortune_topic_es": lambda rng: fortune_topic_es(),
 }
 # fortune files are small: fewer examples per label there
-TASK_SPLITS = {"fortune_topic": {"train": 100, "validation": 20, "test": 40},
-               "fortune_topic_es": {"train": 100, "validation": 20, "test": 40}}
+TASK_SPLITS = {"fortune_topic_es": {"train": 100, "validation": 20, "test": 40}}
 CALIBRATION = 128
 
 

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 TASKS_DIR = Path(__file__).resolve().parent
-TASK_NAMES = ("wordnet_pos", "wordnet_noun_lexfile", "word_pos", "fortune_topic",
+TASK_NAMES = ("wordnet_pos", "wordnet_noun_lexfile", "word_pos", "word_spelling",
               "word_language", "fortune_topic_es")
 SPLITS = ("train", "validation", "test")
 MAX_LENGTH = 64

@@ -78,7 +78,7 @@ RECIPES: dict[str, Recipe] = {
     "wordnet_pos": Recipe(rank=4, epochs=2, head_init="random"),
     "wordnet_noun_lexfile": Recipe(rank=8, epochs=3, lr=2e-3, head_lr=2e-3),
     "word_pos": Recipe(rank=16, epochs=3, lr=2e-3, head_lr=2e-3),
-    "fortune_topic": Recipe(rank=8, epochs=5, lr=2e-3, head_lr=2e-3),
+    "word_spelling": Recipe(rank=8, epochs=5, lr=2e-3, head_lr=2e-3),
     "word_language": Recipe(rank=16, epochs=3, lr=2e-3, head_lr=2e-3),
     "fortune_topic_es": Recipe(rank=4, epochs=5, lr=2e-3, head_lr=2e-3),
 }
