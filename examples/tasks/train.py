@@ -80,7 +80,7 @@ RECIPES: dict[str, Recipe] = {
     "word_pos": Recipe(rank=16, epochs=3, lr=2e-3, head_lr=2e-3),
     "word_spelling": Recipe(rank=8, epochs=5, lr=2e-3, head_lr=2e-3),
     "word_language": Recipe(rank=16, epochs=3, lr=2e-3, head_lr=2e-3),
-    "fortune_topic_es": Recipe(rank=4, epochs=5, lr=2e-3, head_lr=2e-3),
+    "fortune_topic_es": Recipe(rank=4, epochs=10, lr=3e-3, head_lr=3e-3),
 }
 
 BASELINE_WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)
