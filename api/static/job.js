@@ -32,6 +32,7 @@
     $("job-progress").setAttribute("aria-valuetext",
       `${job.status}${p.total ? `, ${p.done} of ${p.total}` : ""}`);
     $("progress-text").textContent = [job.status, MS.progressText(p)].filter(Boolean).join(" · ");
+    announce();
     const terminal = MS.TERMINAL.has(job.status);
     $("cancel").disabled = terminal;
     $("retry").disabled = !terminal;
@@ -75,6 +76,17 @@
       reportShown = true;
       showReport();
     }
+  }
+
+  // screen readers hear state changes and every tenth of the progress, not every tensor
+  let announced = "";
+  function announce() {
+    const tenth = Math.floor(MS.fraction(job) * 10);
+    const key = `${job.status}|${tenth}`;
+    if (key === announced) return;
+    announced = key;
+    $("announce").textContent = MS.TERMINAL.has(job.status) || tenth === 0
+      ? `Job ${job.status}.` : `Job ${job.status}, ${tenth * 10}% done.`;
   }
 
   function addTimeline(eventId, data) {
