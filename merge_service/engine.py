@@ -244,6 +244,8 @@ def execute(prepared: PreparedMerge, *, overwrite: bool = False,
             if cancelled():
                 raise MergeCancelled(f"cancelled after {done} of {total} tensors")
             report(Progress("merging", done, total, name))
+            if done + 1 < total and whole is None:
+                _prefetch(p, order[done + 1], order[done + 1] in merged, writer is not None)
             if name not in merged:
                 if writer is not None:
                     writer.add(name, _cast_output(p.base.get(name), p.output_dtype))
@@ -297,6 +299,23 @@ def execute(prepared: PreparedMerge, *, overwrite: bool = False,
         report(Progress("pushing", 1, 1, None))
         result.url, result.revision = commit.url, commit.revision
     return result
+
+
+def _prefetch(p: PreparedMerge, name: str, merged: bool, full_output: bool) -> None:
+    """Start reading the next tensor wherever the loop will read it: the base's copy for a
+    full output, or the base and every full input for a full-space merge (LoRA modules in
+    core/knots space read only small factors)."""
+    if not merged:
+        if full_output:
+            p.base.prefetch(name)
+        return
+    if p.space in {"core", "knots"} and _lora_only(p, name):
+        return
+    p.base.prefetch(name)
+    for task in p.inputs:
+        prefetch = getattr(task.model, "prefetch", None)
+        if prefetch is not None:
+            prefetch(name)
 
 
 def _commit_message(p: PreparedMerge) -> tuple[str, str]:

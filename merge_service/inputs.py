@@ -45,8 +45,10 @@ class TaskInput:
             value = self.model.extra(tensor)
         else:
             value = self.model.get(tensor)
-        value = self._checked(value.to(base.device, base.dtype), tensor)
-        return value.sub_(base)
+        value = self._checked(value.to(base.device), tensor)
+        if torch.promote_types(value.dtype, base.dtype) == base.dtype:
+            return torch.sub(value, base)  # one pass: the cast happens inside the subtraction
+        return value.to(base.dtype).sub_(base)
 
     def lora_factors(self, tensor: str, like: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -54,6 +54,21 @@ def test_checkpoint_reads_tensors_lazily_and_exactly(tmp_path: Path) -> None:
     ckpt.close()
 
 
+def test_prefetch_is_advice_only(tmp_path: Path) -> None:
+    """`prefetch` takes any name (unknown, empty tensor) and leaves what `get` reads as it was;
+    it opens each file once, like `get`."""
+    tensors = {"a": torch.randn(64, 32), "b": torch.arange(10), "empty": torch.zeros(0, 4)}
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    checkpoint, problems = Checkpoint.open(tmp_path, "m")
+    assert checkpoint is not None and not problems
+    for name in ("a", "b", "empty", "not-there"):
+        checkpoint.prefetch(name)
+    assert len(checkpoint._handles) == 1
+    for name, value in tensors.items():
+        assert torch.equal(checkpoint.get(name), value)
+    checkpoint.close()
+
+
 def test_floating_dtype_is_the_majority_by_size(tmp_path: Path) -> None:
     write_checkpoint(tmp_path, {"big": torch.zeros(100, dtype=torch.bfloat16),
                                 "norm": torch.zeros(10, dtype=torch.float32),
