@@ -391,14 +391,16 @@ def _sum_tensor(p: PreparedMerge, method: SumOfTerms, name: str, base: torch.Ten
     task = TensorTask(name=name, task_vectors=[], weights=[t.weight for t in p.inputs],
                       task_names=[t.name for t in p.inputs], seed=p.spec.options.seed,
                       is_2d=base.dim() == 2)
-    total, changed = None, False
+    total, changed, scratch = None, False, None
     for t, task_input in enumerate(p.inputs):
-        tv = task_input.task_vector(name, base)
+        tv = task_input.task_vector(name, base, out=scratch)
         if tv is None:
             tv = torch.zeros_like(base)
         else:
             changed = changed or bool(tv.any())
         total = method.accumulate(total, method.term(task, t, tv), task_input.weight)
+        # the next task reads into this one's buffer, unless the running sum lives in it
+        scratch = tv if tv is not total and tv.shape == base.shape else None
         del tv
     if not changed:  # METHODS.md section 0: a tensor whose deltas are all zero is copied
         out.add_merged(p, name, p.base.get(name))
