@@ -29,6 +29,21 @@ TEXTS = ["The quick brown fox jumps over the lazy dog.",
          "A short one."]
 
 
+def last_hidden_states(model_dir: Path, tokenizer_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last hidden states of `TEXTS` from the model transformers loads (checked finite and
+    384-wide) and the attention mask."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = AutoModel.from_pretrained(model_dir).eval()
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    assert hidden.shape == (len(TEXTS), batch["input_ids"].shape[1], 384)
+    assert torch.isfinite(hidden).all()
+    return hidden, batch["attention_mask"]
+
+
 # ---------------------------------------------------------------------------------------------
 # offline mode for transformers / peft
 

@@ -16,7 +16,14 @@ from merge_service.methods.base import TensorTask
 from merge_service.sources.lora import LoraAdapter
 from merge_service.spaces import core_space
 from merge_service.spec import spec_from_dict
-from tests.conftest import TEXTS, FineTune, job, offline, read_tensors, relative_error
+from tests.conftest import (
+    FineTune,
+    job,
+    last_hidden_states,
+    offline,
+    read_tensors,
+    relative_error,
+)
 
 pytestmark = pytest.mark.usefixtures("hf_offline")
 
@@ -25,16 +32,7 @@ QUERY0 = "encoder.layer.0.attention.self.query.weight"
 
 def forward(model_dir: Path, tokenizer_dir: Path) -> torch.Tensor:
     """Last hidden states of `TEXTS` from the model loaded by transformers (finite, 384-wide)."""
-    from transformers import AutoModel, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    model = AutoModel.from_pretrained(model_dir).eval()
-    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        hidden = model(**batch).last_hidden_state
-    assert hidden.shape == (len(TEXTS), batch["input_ids"].shape[1], 384)
-    assert torch.isfinite(hidden).all()
-    return hidden
+    return last_hidden_states(model_dir, tokenizer_dir)[0]
 
 
 def drm_rule(vectors: list[torch.Tensor], weights: list[float], name: str = QUERY0,

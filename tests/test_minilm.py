@@ -11,7 +11,14 @@ import torch
 from merge_service.engine import run_merge
 from merge_service.methods import available
 from merge_service.spec import spec_from_dict
-from tests.conftest import TEXTS, FineTune, job, offline, read_tensors, relative_error
+from tests.conftest import (
+    FineTune,
+    job,
+    last_hidden_states,
+    offline,
+    read_tensors,
+    relative_error,
+)
 
 pytestmark = pytest.mark.usefixtures("hf_offline")
 
@@ -30,16 +37,8 @@ SWEEP_INCLUDE = [r"encoder\.layer\.0\.attention\.self\.(query|value)\.weight",
 
 def embed(model_dir: Path, tokenizer_dir: Path) -> torch.Tensor:
     """Mean-pooled last hidden states of `TEXTS`, after checking the raw outputs."""
-    from transformers import AutoModel, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    model = AutoModel.from_pretrained(model_dir).eval()
-    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        hidden = model(**batch).last_hidden_state
-    assert hidden.shape == (len(TEXTS), batch["input_ids"].shape[1], 384)
-    assert torch.isfinite(hidden).all()
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    hidden, attention_mask = last_hidden_states(model_dir, tokenizer_dir)
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1)
 
 
