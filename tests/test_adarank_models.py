@@ -302,22 +302,13 @@ def minilm_tasks(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory
     return out
 
 
-EXAMPLE_TASKS = Path(__file__).resolve().parents[1] / "examples" / "tasks"
-
-
 @pytest.fixture(scope="session")
-def example_tasks(minilm_tasks: dict[str, Path]) -> dict[str, Path]:
-    """Three of the committed example tasks (examples/tasks/<task>/: adapter/, head.safetensors,
-    calibration.jsonl), the real trained adapters; while fewer than three are committed, the
-    built ones of `minilm_tasks`, which have the same layout."""
-    committed = sorted(
-        d for d in EXAMPLE_TASKS.iterdir()
-        if (d / "adapter" / "adapter_config.json").is_file()
-        and (d / "head.safetensors").is_file() and (d / "calibration.jsonl").is_file()
-    ) if EXAMPLE_TASKS.is_dir() else []
-    if len(committed) >= 3:
-        return {d.name: d for d in committed[:3]}
-    return minilm_tasks
+def example_tasks() -> dict[str, Path]:
+    """Three committed example tasks of different ranks (examples/tasks/<task>/: adapter/,
+    head.safetensors, calibration.jsonl): the real trained adapters."""
+    from examples.tasks.evaluate import TASKS_DIR
+
+    return {n: TASKS_DIR / n for n in ("wordnet_pos", "wordnet_noun_lexfile", "word_pos")}
 
 
 @pytest.mark.slow
