@@ -62,26 +62,29 @@ from examples.tasks.evaluate import (  # noqa: E402
     load_task,
 )
 from merge_service.engine import run_merge  # noqa: E402
+from merge_service.methods import available  # noqa: E402
 from merge_service.revert import revert  # noqa: E402
 from merge_service.spec import spec_from_dict  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SPACES = ("full", "core", "knots")
-# method -> (spaces it allows on LoRA inputs, whether it has `alpha`, its default alpha)
-METHODS: dict[str, tuple[tuple[str, ...], float | None]] = {
-    "task_arithmetic": (SPACES, 0.3),
-    "ties": (SPACES, 1.0),
-    "dare_linear": (SPACES, 1.0),
-    "dare_ties": (SPACES, 1.0),
-    "tsv": (SPACES, 1.0),
-    "iso_c": (SPACES, 1.0),
-    "iso_cts": (SPACES, 1.0),
-    "cart": (SPACES, 2.0),
-    "drm": (SPACES, 1.0),
-    "average": (("full",), None),
-}
-REVERSIBLE = {"tsv_compress": ("full",), "rmm": ("full", "core")}
-RMM_DEFAULT_ALPHA = 1.0
+
+
+def settings(method: str) -> tuple[tuple[str, ...], float | None]:
+    """The spaces a method runs in on LoRA inputs and its default `alpha` (None: it has none),
+    as the library declares them (`MergeMethod.spaces`, its `Params`)."""
+    cls = available()[method]
+    alpha = cls.Params.model_fields.get("alpha")
+    return (tuple(s for s in SPACES if s in cls.spaces),
+            None if alpha is None else float(alpha.default))
+
+
+# method -> (spaces, default alpha)
+METHODS = {m: settings(m) for m in ("task_arithmetic", "ties", "dare_linear", "dare_ties", "tsv",
+                                    "iso_c", "iso_cts", "cart", "drm", "average")}
+# reverted task by task; rmm's served model is also scored as a merge
+REVERSIBLE = {m: settings(m)[0] for m in ("tsv_compress", "rmm")}
+RMM_DEFAULT_ALPHA = settings("rmm")[1]
 SAME_WEIGHTS_ATOL = 1e-6  # a space whose merged weights equal full space's to this is not re-run
 
 
