@@ -400,7 +400,7 @@ def _sum_tensor(p: PreparedMerge, method: SumOfTerms, name: str, base: torch.Ten
             changed = changed or bool(tv.any())
         total = method.accumulate(total, method.term(task, t, tv), task_input.weight)
         # the next task reads into this one's buffer, unless the running sum lives in it
-        scratch = tv if tv is not total and tv.shape == base.shape else None
+        scratch = tv if tv is not total else None
         del tv
     if not changed:  # METHODS.md section 0: a tensor whose deltas are all zero is copied
         out.add_merged(p, name, p.base.get(name))

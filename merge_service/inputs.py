@@ -43,7 +43,7 @@ class TaskInput:
                 a, b, scale = self.model.factors(tensor)
                 a = self._checked(a.to(base.device, base.dtype), tensor)
                 b = self._checked(b.to(base.device, base.dtype), tensor)
-                return (b * scale) @ a
+                return torch.matmul(b * scale, a, out=out)
             if tensor not in self.model.extras:
                 return None
             value = self.model.extra(tensor)
