@@ -12,7 +12,14 @@ RANK_RTOL = 1e-5  # rank(X) = #{σ_i > 1e-5 σ_1}
 
 
 def svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD `X = U diag(σ) Vᵀ`, σ descending. Returns (U, σ, V) with V (not Vᵀ)."""
+    """Thin SVD `X = U diag(σ) Vᵀ`, σ descending. Returns (U, σ, V) with V (not Vᵀ).
+
+    A wide X is decomposed as `Xᵀ = V diag(σ) Uᵀ`: LAPACK's tall path (QR first) is up to 3x
+    faster than its wide one on the CPU for the flat stacks LoRA spaces decompose.
+    """
+    if x.shape[-2] < x.shape[-1]:
+        v, s, uh = torch.linalg.svd(x.mT, full_matrices=False)
+        return uh.mT, s, v
     u, s, vh = torch.linalg.svd(x, full_matrices=False)
     return u, s, vh.mT
 
@@ -29,8 +36,8 @@ def numerical_rank(sigma: torch.Tensor, rtol: float = RANK_RTOL) -> int:
 
 def polar(x: torch.Tensor) -> torch.Tensor:
     """The orthonormal factor `P Qᵀ` of `X = P D Qᵀ`."""
-    p, _, qh = torch.linalg.svd(x, full_matrices=False)
-    return p @ qh
+    p, _, q = svd(x)
+    return p @ q.mT
 
 
 def truncated(x: torch.Tensor, k: int) -> torch.Tensor:
