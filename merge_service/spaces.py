@@ -47,17 +47,26 @@ class CoreSpace:
 def core_space(factors: Sequence[Factors | None]) -> CoreSpace:
     """`A_stack = [A_1; …; A_T]`, `B_stack = [B_1 … B_T]`; `V_A`, `U_B` = all their singular
     vectors (thin SVD, no truncation); `M_t = U_Bᵀ B_t A_t V_A`. Costs grow with Σr, never with
-    m·n: no `ΔW_t` is formed."""
+    m·n: no `ΔW_t` is formed.
+
+    The projections come from the SVDs themselves: with `B_stack = U_B S_B W_Bᵀ` and
+    `A_stack = Z_A S_A V_Aᵀ`, `U_Bᵀ B_t` is task t's columns of `S_B W_Bᵀ` and `A_t V_A` its
+    rows of `Z_A S_A`, so each core is one (p × r_t)(r_t × q) product.
+    """
     present = [f for f in factors if f is not None]
-    a_stack = torch.cat([a for a, _ in present], dim=0)  # Σr × n
-    b_stack = torch.cat([b for _, b in present], dim=1)  # m × Σr
-    _, _, v_a = svd(a_stack)  # n × q, q = min(n, Σr)
-    u_b, _, _ = svd(b_stack)  # m × p, p = min(m, Σr)
-    cores = [
-        (u_b.mT @ f[1]) @ (f[0] @ v_a) if f is not None  # (p × r_t)(r_t × q)
-        else torch.zeros(u_b.shape[1], v_a.shape[1], dtype=u_b.dtype, device=u_b.device)
-        for f in factors
-    ]
+    z_a, s_a, v_a = svd(torch.cat([a for a, _ in present], dim=0))  # Σr × n; V_A: n × q
+    u_b, s_b, w_b = svd(torch.cat([b for _, b in present], dim=1))  # m × Σr; U_B: m × p
+    a_proj = z_a * s_a  # A_stack V_A, Σr × q
+    b_proj = s_b[:, None] * w_b.mT  # U_Bᵀ B_stack, p × Σr
+    cores, offset = [], 0
+    for f in factors:
+        if f is None:
+            cores.append(torch.zeros(u_b.shape[1], v_a.shape[1], dtype=u_b.dtype,
+                                     device=u_b.device))
+            continue
+        r = f[0].shape[0]
+        cores.append(b_proj[:, offset:offset + r] @ a_proj[offset:offset + r])
+        offset += r
     return CoreSpace(u_b, v_a, cores)
 
 
