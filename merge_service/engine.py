@@ -228,16 +228,17 @@ def execute(prepared: PreparedMerge, *, overwrite: bool = False,
     # whole-model methods (adarank) learn the merge first; the loop below writes its tensors
     whole = p.method.optimize(p, report, cancelled) \
         if getattr(p.method, "whole_model", False) else None  # type: ignore[attr-defined]
+    order = sorted(p.merged + p.copied)
     sink = LocalDirectorySink(p.destination, overwrite=overwrite)
     with sink as tmp:
-        writer = ShardedSafetensorsWriter(tmp, "model", p.spec.output.shard_bytes) \
-            if served == "full" else None
+        writer = ShardedSafetensorsWriter(tmp, "model", p.spec.output.shard_bytes,
+                                          expected=order) if served == "full" else None
         adapter = PeftAdapterWriter(tmp, p.inputs[0].model.config,  # type: ignore[union-attr]
-                                    _base_model_name(p)) if served == "lora" else None
+                                    _base_model_name(p), *_adapter_contents(p)) \
+            if served == "lora" else None
         artifact = ArtifactWriter(tmp, fmt, p.method.artifact_files,
                                   p.spec.output.shard_bytes) if fmt in ARTIFACT_FORMATS else None
         out = _Outputs(writer, adapter, artifact)
-        order = sorted(p.merged + p.copied)
         merged = set(p.merged)
         total = len(order)
         for done, name in enumerate(order):
@@ -467,6 +468,19 @@ def _merge_lora_module(p: PreparedMerge, name: str, out: _Outputs) -> dict[str, 
         base = p.base.get(name).to(p.device, p.compute_dtype)
         out.model.add(name, _cast_output(base.add_(space.to_full(merged)), p.output_dtype))
     return info
+
+
+def _adapter_contents(p: PreparedMerge) -> tuple[list[LoraModule], list[str]]:
+    """What a `lora` output will hold: the merged LoRA modules and the adapter keys of the
+    merged tensors the adapters carry whole (`_Outputs.add_merged`)."""
+    modules, extra_keys = [], []
+    for name in p.merged:
+        if _lora_only(p, name):
+            modules.append(_lora_module(p, name))
+            continue
+        extra_keys += [t.model.extras[name] for t in p.inputs  # type: ignore[union-attr]
+                       if name in getattr(t.model, "extras", {})][:1]
+    return modules, extra_keys
 
 
 def _served_format(p: PreparedMerge) -> str | None:

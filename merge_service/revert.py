@@ -77,7 +77,7 @@ def _write(artifact: Artifact, base: Checkpoint, base_path: Path, spec: JobSpec,
     names = sorted(base.tensors)
     sink = LocalDirectorySink(out, overwrite=overwrite)
     with sink as tmp:
-        writer = ShardedSafetensorsWriter(tmp, "model", shard_bytes)
+        writer = ShardedSafetensorsWriter(tmp, "model", shard_bytes, expected=names)
         for done, name in enumerate(names):
             report(Progress("reverting", done, len(names), name))
             value = base.get(name)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
 
 from merge_service.engine import run_merge
 from merge_service.errors import PreflightError
@@ -150,6 +151,24 @@ def test_lora_output_loads_in_peft_and_equals_the_full_output(
     for name, value in expected.items():
         if name in merged:
             assert relative_error(merged[name], value) < 1e-5, name
+
+
+def test_lora_output_is_written_in_place(tmp_path: Path, minilm_dir: Path,
+                                        minilm_adapters: dict[str, Path],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine announces every key of the adapter file (LoRA modules and the pooler that
+    `qv` carries whole), so its data is never moved behind a grown header."""
+    def moved(*_args: object) -> None:
+        raise AssertionError("the adapter's data was moved")
+
+    monkeypatch.setattr("merge_service.sinks.safetensors_writer._copy_from", moved)
+    result = _merge(tmp_path, minilm_dir, [minilm_adapters["qv"], minilm_adapters["pattern"]],
+                    "lora", space="core", params={"alpha": 1.0}, output={"format": "lora"})
+    with safe_open(str(result.destination / "adapter_model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert any("pooler" in k and "lora" not in k for k in keys)
+    assert sum(k.endswith("lora_A.weight") for k in keys) == \
+        sum("rank" in t for t in result.report["tensors"].values())
 
 
 def test_target_rank_truncates_every_module(tmp_path: Path, minilm_dir: Path,

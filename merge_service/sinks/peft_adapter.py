@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -19,10 +20,23 @@ from merge_service.sources.lora import ADAPTER_CONFIG, LoraModule
 _PEFT_PREFIX = "base_model.model."
 
 
+def _module_keys(module: LoraModule) -> tuple[str, str]:
+    """The PEFT keys of a module's (A, B) factors."""
+    prefix = f"{_PEFT_PREFIX}{module.module}"
+    if "lora_embedding" in module.a_key:
+        return f"{prefix}.lora_embedding_A", f"{prefix}.lora_embedding_B"
+    return f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
+
+
 class PeftAdapterWriter:
-    def __init__(self, directory: Path, template_config: dict, base_model: str) -> None:
+    def __init__(self, directory: Path, template_config: dict, base_model: str,
+                 modules: Iterable[LoraModule] = (), extra_keys: Iterable[str] = ()) -> None:
+        """`modules` and `extra_keys`: what `add_module` and `add_tensor` will be given, where
+        known in advance (the file's header space is reserved for them)."""
+        expected = [*(key for m in modules for key in _module_keys(m)), *extra_keys]
         # PEFT reads one adapter_model.safetensors: never shard it
-        self._writer = ShardedSafetensorsWriter(directory, "adapter_model", shard_bytes=2**62)
+        self._writer = ShardedSafetensorsWriter(directory, "adapter_model", shard_bytes=2**62,
+                                                expected=expected)
         self.directory = directory
         self.template = template_config
         self.base_model = base_model
@@ -35,16 +49,11 @@ class PeftAdapterWriter:
 
     def add_module(self, module: LoraModule, a: torch.Tensor, b: torch.Tensor) -> None:
         """`(A', B')` with `ΔW = B' A'` in the base tensor's stored orientation."""
-        prefix = f"{_PEFT_PREFIX}{module.module}"
-        if "lora_embedding" in module.a_key:  # stored ΔW = (B A)ᵀ, A: (r, rows), B: (cols, r)
-            self._writer.add(f"{prefix}.lora_embedding_A", b.mT.contiguous())
-            self._writer.add(f"{prefix}.lora_embedding_B", a.mT.contiguous())
-        elif module.transposed:  # fan_in_fan_out: stored ΔW = (B A)ᵀ
-            self._writer.add(f"{prefix}.lora_A.weight", b.mT.contiguous())
-            self._writer.add(f"{prefix}.lora_B.weight", a.mT.contiguous())
-        else:
-            self._writer.add(f"{prefix}.lora_A.weight", a.contiguous())
-            self._writer.add(f"{prefix}.lora_B.weight", b.contiguous())
+        a_key, b_key = _module_keys(module)
+        if module.transposed:  # fan_in_fan_out or embedding: stored ΔW = (B A)ᵀ
+            a, b = b.mT, a.mT
+        self._writer.add(a_key, a.contiguous())
+        self._writer.add(b_key, b.contiguous())
         self.ranks[module.module] = a.shape[0]
 
     def add_tensor(self, adapter_key: str, value: torch.Tensor) -> None:

@@ -49,10 +49,12 @@ def assert_identical(actual: torch.Tensor, expected: torch.Tensor, name: str) ->
                        expected.reshape(1).view(torch.uint8)), name
 
 
-def test_single_file_round_trips_every_dtype(tmp_path: Path) -> None:
+@pytest.mark.parametrize("announced", ["all", "none", "half"])
+def test_single_file_round_trips_every_dtype(tmp_path: Path, announced: str) -> None:
     tensors = sample_tensors()
+    expected = {"all": list(tensors), "none": [], "half": list(tensors)[::2]}[announced]
     writer = ShardedSafetensorsWriter(tmp_path, "model", shard_bytes=10**9,
-                                      metadata={"merged_by": "test"})
+                                      metadata={"merged_by": "test"}, expected=expected)
     for name, value in tensors.items():
         writer.add(name, value)
     assert writer.finish() == ["model.safetensors"]
@@ -143,3 +145,46 @@ def test_loads_with_safetensors_torch_load_file(tmp_path: Path, dtype: torch.dty
     loaded = load_file(tmp_path / "model.safetensors")
     assert loaded["x"].dtype == dtype
     assert torch.equal(loaded["x"], value)
+
+
+def test_announced_names_are_written_in_place(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every name announced: each shard's data goes straight behind its reserved header, which
+    is padded with spaces; nothing is copied."""
+    def no_copy(*_args: object) -> int:
+        raise AssertionError("the data was copied")
+
+    monkeypatch.setattr("os.copy_file_range", no_copy)
+    monkeypatch.setattr("shutil.copyfileobj", no_copy)
+    tensors = {f"model.layers.{i}.mlp.down_proj.weight": torch.full((5, 20), float(i),
+                                                                    dtype=torch.float64)
+               for i in range(5)}  # 800 B each
+    writer = ShardedSafetensorsWriter(tmp_path, "model", shard_bytes=1600, expected=tensors)
+    for name, value in tensors.items():
+        writer.add(name, value)
+    names = writer.finish()
+    assert len(names) == 4  # three shards and the index
+    for shard in names[:-1]:
+        raw = (tmp_path / shard).read_bytes()
+        size = int.from_bytes(raw[:8], "little")
+        assert size % 8 == 0
+        assert raw[8:8 + size].endswith(b" ") and raw[8:8 + size].rstrip().endswith(b"}")
+        header = json.loads(raw[8:8 + size])
+        assert len(raw) == 8 + size + max(e["data_offsets"][1] for n, e in header.items()
+                                          if n != "__metadata__")
+    for name, value in read_tensors(tmp_path).items():
+        assert_identical(value, tensors[name], name)
+
+
+def test_a_header_that_outgrows_its_space_moves_the_data(tmp_path: Path) -> None:
+    """Names nobody announced: the header is larger than the space reserved for the announced
+    ones, and the shard is still exact."""
+    tensors = {f"{'x' * 300}.{i}": torch.arange(i * 10, dtype=torch.int32) for i in range(6)}
+    writer = ShardedSafetensorsWriter(tmp_path, "model", expected=list(tensors)[:1])
+    for name, value in tensors.items():
+        writer.add(name, value)
+    assert writer.finish() == ["model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        for name, value in tensors.items():
+            assert_identical(f.get_tensor(name), value, name)
