@@ -388,7 +388,8 @@ class Runner:
             "io": best.get("io"), "merge_report_timings_s": best.get("merge_report_timings_s"),
             "output_bytes": best.get("output_bytes"), "cache": self.cache,
             "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "command": best["command"], "log": best["log"], **(extra or {}),
+            "command": best["command"], "log": best["log"], "commit": code_version(),
+            **(extra or {}),
         }
         self.runs[key] = entry
         self.store.write_text(json.dumps(self.runs, indent=2) + "\n")
@@ -650,13 +651,21 @@ def machine() -> dict:
     import peft
     import transformers
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=ROOT, check=False).stdout.strip()
     return {"cpu": cpu, "cpus": os.cpu_count(), "memory_bytes": mem,
             "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "transformers": transformers.__version__, "peft": peft.__version__,
-            "merge_service_commit": commit}
+            "merge_service_commit": code_version()}
+
+
+def code_version() -> str:
+    """The commit the library runs at, `+` when merge_service/ has uncommitted changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT,
+                              check=False).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--", "merge_service")
+    return git("rev-parse", "--short", "HEAD") + ("+" if dirty else "")
 
 
 def _gb(n: float) -> str:
@@ -675,7 +684,8 @@ def markdown(result: dict) -> str:
         f"Generated {result['generated_at']} by `bench/lora_bench.py`. Machine: {m['cpu']}, "
         f"{m['cpus']} cores (shared: see \"other load\"), {m['memory_bytes'] / 2**30:.0f} GiB "
         f"RAM, no GPU; torch {m['torch']} ({m['torch_threads']} threads), transformers "
-        f"{m['transformers']}, peft {m['peft']}, merge-service {m['merge_service_commit']}. "
+        f"{m['transformers']}, peft {m['peft']}, merge-service {m['merge_service_commit']} "
+        "(each run's own commit in the table: runs are kept until rerun). "
         f"Page cache: {result['cache']}.",
         "",
         f"Inputs: {TASKS} synthetic PEFT LoRA adapters, r = {RANK}, lora_alpha = 32, q,k,v,o,"
@@ -685,8 +695,8 @@ def markdown(result: dict) -> str:
         "of the merge process (interpreter start and imports included), best of the rounds; "
         "peak RSS = its `ru_maxrss` (highest round).",
         "",
-        "| run | wall | CPU s | peak RSS GB | rounds (wall s) | other load (cores) |",
-        "| --- | ---: | ---: | ---: | --- | --- |",
+        "| run | wall | CPU s | peak RSS GB | rounds (wall s) | other load (cores) | commit |",
+        "| --- | ---: | ---: | ---: | --- | --- | --- |",
     ]
     order = ["core_tsv_lora", "core_ta_lora", "floor", "core_tsv_full_L1", "core_tsv_full_L2",
              "knots_tsv_full_L1", "knots_tsv_full_L2", "core_tsv_full_R3", "core_tsv_full_R4",
@@ -698,7 +708,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {e['label']} | {_t(e['wall_s'])} | {e['cpu_s']:.1f} "
                      f"| {_gb(e['peak_rss_bytes'])} "
                      f"| {', '.join(f'{w:.1f}' for w in e['rounds_wall_s'])} "
-                     f"| {', '.join(f'{c:.2f}' for c in e['rounds_other_cpu_cores'])} |")
+                     f"| {', '.join(f'{c:.2f}' for c in e['rounds_other_cpu_cores'])} "
+                     f"| {e.get('commit', '?')} |")
     lines += ["", "## Goals", ""]
     for key, what in (("core_tsv_lora", "tsv"), ("core_ta_lora", "task_arithmetic")):
         r = a.get(key)

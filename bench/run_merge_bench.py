@@ -174,7 +174,7 @@ def measure(m: Measurement, log_path: Path, cache: str, inputs: list[Path]) -> M
     m.other_cpu_cores = round(max(0.0, other) / m.wall_s, 2) if m.wall_s else 0.0
     m.sampled_peak_anon_bytes = peaks["RssAnon"] * 1024
     m.sampled_peak_file_bytes = peaks["RssFile"] * 1024
-    m.log = str(log_path.relative_to(ROOT))
+    m.log = str(log_path.relative_to(ROOT) if log_path.is_relative_to(ROOT) else log_path)
     return m
 
 
