@@ -346,9 +346,7 @@ class _Outputs:
         if self.model is not None:
             self.model.add(name, _cast_output(value, p.output_dtype))
         if self.adapter is not None:  # modules_to_save, biases: stored whole, under their key
-            key = next(t.model.extras[name] for t in p.inputs  # type: ignore[union-attr]
-                       if name in t.model.extras)  # type: ignore[union-attr]
-            self.adapter.add_tensor(key, _cast_output(value, p.output_dtype))
+            self.adapter.add_tensor(_extra_key(p, name), _cast_output(value, p.output_dtype))
 
 
 def _merge_tensor(p: PreparedMerge, name: str, out: _Outputs) -> dict[str, Any]:
@@ -477,10 +475,15 @@ def _adapter_contents(p: PreparedMerge) -> tuple[list[LoraModule], list[str]]:
     for name in p.merged:
         if _lora_only(p, name):
             modules.append(_lora_module(p, name))
-            continue
-        extra_keys += [t.model.extras[name] for t in p.inputs  # type: ignore[union-attr]
-                       if name in getattr(t.model, "extras", {})][:1]
+        else:
+            extra_keys.append(_extra_key(p, name))
     return modules, extra_keys
+
+
+def _extra_key(p: PreparedMerge, name: str) -> str:
+    """The adapter key of a tensor an adapter carries whole (the first adapter that does)."""
+    return next(t.model.extras[name] for t in p.inputs  # type: ignore[union-attr]
+                if name in getattr(t.model, "extras", {}))
 
 
 def _served_format(p: PreparedMerge) -> str | None:
