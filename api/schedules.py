@@ -141,8 +141,9 @@ def schedules(request: Request) -> ScheduleService:
              summary="Create a schedule")
 def create_schedule(request: Request, response: Response,
                     body: Annotated[ScheduleCreate, Body(
-                        description="name, cron or every_seconds, base, collection, template, "
-                        "destination", openapi_examples=_EXAMPLES)],
+                        description="name, cron (5 fields, or 6 with seconds first) or "
+                        "every_seconds, base, collection, template, destination",
+                        openapi_examples=_EXAMPLES)],
                     principal: Submitter) -> Schedule:
     schedule = schedules(request).create(body, principal)
     response.headers["Location"] = f"/v1/schedules/{schedule.id}"

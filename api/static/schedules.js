@@ -156,7 +156,7 @@
 
   function labels() {
     const cron = $("s-when-kind").value === "cron";
-    $("s-when-label").textContent = cron ? "Cron (minute hour day month weekday)" : "Every (seconds)";
+    $("s-when-label").textContent = cron ? "Cron ([second] minute hour day month weekday)" : "Every (seconds)";
     $("s-when").type = cron ? "text" : "number";
     if (!cron && !/^\d+$/.test($("s-when").value)) $("s-when").value = "86400";
     if (cron && /^\d+$/.test($("s-when").value)) $("s-when").value = "0 2 * * *";

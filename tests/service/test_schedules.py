@@ -1,8 +1,8 @@
 """Scheduled merges against a real Redis, a real worker and real scheduler processes
 (`merge-service scheduler`, Celery beat on celery-redbeat) with seconds-level schedules
-(`every_seconds`); the API in-process. Collections: local directories of PEFT adapters of
-MiniLM (saved by `peft`), and a Hub collection on the HTTP stand-in of the Hub, which the real
-`huggingface_hub` client reads.
+(`every_seconds`, and 6-field cron, seconds first); the API in-process. Collections: local
+directories of PEFT adapters of MiniLM (saved by `peft`), and a Hub collection on the HTTP
+stand-in of the Hub, which the real `huggingface_hub` client reads.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from tests.service.conftest import (
 from workers.jobs import TERMINAL, JobRecord, JobStore
 from workers.redis_server import EmbeddedRedis
 from workers.schedules.collections import content_hash
+from workers.schedules.models import cron_schedule, rule_from
 from workers.schedules.store import BEAT_LOCK_TIMEOUT_S, ScheduleStore, make_beat_app
 
 pytestmark = pytest.mark.slow
@@ -193,6 +194,21 @@ def test_create_validates_every_problem_and_checks_roles(env: Env, tmp_path: Pat
         ({"every_seconds": None}, "exactly one of cron, every_seconds"),
         ({"every_seconds": None, "cron": "61 * * * *"}, "cron '61 * * * *'"),
         ({"every_seconds": None, "cron": "* * * *"}, "expected 5 fields"),
+        ({"every_seconds": None, "cron": "0 * * * * * *"},
+         "expected 5 fields (minute hour day month weekday) or 6 (second minute hour day "
+         "month weekday)"),
+        ({"every_seconds": None, "cron": "60 * * * * *"}, "cron '60 * * * * *': second '60'"),
+        ({"every_seconds": None, "cron": "0 60 * * * *"}, "minute '60'"),
+        ({"every_seconds": None, "cron": "0 0 24 * * *"}, "hour '24'"),
+        ({"every_seconds": None, "cron": "0 0 0 0 * *"}, "day '0'"),
+        ({"every_seconds": None, "cron": "0 0 0 * 13 *"}, "month '13'"),
+        ({"every_seconds": None, "cron": "0 0 0 * * 7"}, "weekday '7'"),
+        ({"every_seconds": None, "cron": "0 0 0 * * someday"}, "weekday 'someday'"),
+        ({"every_seconds": None, "cron": "*/0 * * * * *"}, "second '*/0'"),
+        ({"every_seconds": None, "cron": "0 0 0 31 2 *"},
+         "cron '0 0 0 31 2 *': day '31' never occurs in month '2'"),
+        ({"every_seconds": None, "cron": "0 0 0 30,31 feb *"}, "never occurs in month 'feb'"),
+        ({"every_seconds": None, "cron": "0 0 31 2 *"}, "never occurs"),
         ({"every_seconds": 0}, "greater than or equal to 1"),
         ({"collection": {"directory": "relative/dir"}}, "absolute path"),
         ({"collection": {"directory": str(collection_dir), "sources": ["a/b", "c/d"]}},
@@ -274,6 +290,38 @@ def test_create_validates_every_problem_and_checks_roles(env: Env, tmp_path: Pat
                              ).status_code == 204
     assert not env.schedules.entry_exists(cron["id"])
 
+    # a 6-field cron: redbeat's rrule, as it was built, back from Redis through redbeat's decoder,
+    # counted from the schedule's creation (whole seconds, UTC)
+    from redbeat.schedules import rrule
+
+    from workers.schedules.beat import TickEntry
+
+    expression = "0 30 9 * * mon-fri"
+    seconds = create(env, body | {"every_seconds": None, "cron": expression, "paused": False})
+    key = RedBeatSchedulerEntry.generate_key(env.schedules.beat_app, seconds["id"])
+    entry = RedBeatSchedulerEntry.from_key(key, app=env.schedules.beat_app)
+    rule = entry.schedule
+    assert isinstance(rule, rrule) and entry.args == [seconds["id"]]
+    assert repr(rule) == repr(rule_from(cron_schedule(expression), rule.dtstart))
+    assert (rule.bysecond, rule.byminute, rule.byhour, rule.byweekday) == (
+        [0], [30], [9], [0, 1, 2, 3, 4])
+    assert rule.bymonthday is None and rule.bymonth is None
+    assert rule.dtstart.utcoffset() == timedelta(0) and rule.dtstart.microsecond == 0
+    created = datetime.fromisoformat(seconds["created_at"])
+    assert created - timedelta(seconds=1) <= rule.dtstart <= entry.last_run_at
+    upcoming = rule.rrule.after(entry.last_run_at)
+    assert upcoming.weekday() < 5 and (upcoming.hour, upcoming.minute, upcoming.second) == (
+        9, 30, 0)
+    assert upcoming - entry.last_run_at <= timedelta(days=3)  # a Friday's to Monday's
+    # the scheduler's entry counts the same rule from the entry's last run
+    ticking = TickEntry.from_key(key, app=env.schedules.beat_app)
+    assert ticking.schedule.dtstart == entry.last_run_at.replace(microsecond=0)
+    assert repr(ticking.schedule) == repr(rule_from(rule, entry.last_run_at))
+    assert ticking.schedule.rrule.after(entry.last_run_at) == upcoming
+    assert env.client.delete(f"/v1/schedules/{seconds['id']}", headers=env.headers()
+                             ).status_code == 204
+    assert not env.schedules.entry_exists(seconds["id"])
+
     paths = env.get("/openapi.json").json()["paths"]
     assert {"post", "get"} <= set(paths["/v1/schedules"])
     examples = paths["/v1/schedules"]["post"]["requestBody"]["content"]["application/json"]
@@ -282,6 +330,63 @@ def test_create_validates_every_problem_and_checks_roles(env: Env, tmp_path: Pat
     for action in ("run", "pause", "resume"):
         assert "post" in paths[f"/v1/schedules/{{schedule_id}}/{action}"]
     assert "get" in paths["/v1/schedules/{schedule_id}/runs"]
+
+
+# --- 6-field cron: when it fires --------------------------------------------------------------
+
+def next_run(expression: str, at: datetime) -> datetime:
+    """When `expression` fires next after a run at `at`, the clock reading `at`."""
+    schedule = cron_schedule(expression)
+    if len(expression.split()) == 6:
+        schedule = rule_from(schedule, at)  # built now: its runs start now, not at `at`
+    schedule.nowfun = lambda: at
+    return at + schedule.remaining_estimate(at)
+
+
+def test_seconds_cron_fires_at_its_seconds() -> None:
+    friday = datetime(2025, 6, 6, 12, 0, 7, 300000, tzinfo=UTC)
+    assert next_run("*/15 * * * * *", friday) == datetime(2025, 6, 6, 12, 0, 15, tzinfo=UTC)
+    assert next_run("*/15 * * * * *", friday.replace(second=45, microsecond=0)) == \
+        datetime(2025, 6, 6, 12, 1, 0, tzinfo=UTC)
+    assert next_run("* * * * * *", friday) == datetime(2025, 6, 6, 12, 0, 8, tzinfo=UTC)
+    # weekdays: names or numbers, 0 = Sunday
+    assert next_run("0 30 9 * * mon-fri", friday) == datetime(2025, 6, 9, 9, 30, tzinfo=UTC)
+    assert next_run("0 30 9 * * 1-5", datetime(2025, 6, 9, 9, 29, 59, 500000, tzinfo=UTC)) \
+        == datetime(2025, 6, 9, 9, 30, tzinfo=UTC)
+    assert next_run("30 0 0 * * 0", friday) == datetime(2025, 6, 8, 0, 0, 30, tzinfo=UTC)
+    # a restricted day and weekday both match: the next Friday the 13th
+    assert next_run("0 0 0 13 * fri", friday + timedelta(days=8)) == \
+        datetime(2026, 2, 13, tzinfo=UTC)
+    assert next_run("0 0 0 29 2 *", friday) == datetime(2028, 2, 29, tzinfo=UTC)
+
+    # due at 12:00:15 after a run at 12:00:07.3, then 15 s to the next
+    rule = rule_from(cron_schedule("*/15 * * * * *"), friday)
+    rule.nowfun = lambda: datetime(2025, 6, 6, 12, 0, 15, tzinfo=UTC)
+    assert tuple(rule.is_due(friday)) == (True, 15.0)
+    rule.nowfun = lambda: datetime(2025, 6, 6, 12, 0, 14, 500000, tzinfo=UTC)
+    assert tuple(rule.is_due(friday)) == (False, 0.5)
+
+    # counted from a later start, a rule has the same runs after it
+    built = cron_schedule("*/15 * * * * *")
+    later = built.dtstart + timedelta(hours=5, seconds=7.3)
+    assert rule_from(built, later).rrule.after(later) == built.rrule.after(later)
+
+
+@pytest.mark.parametrize(("five", "six"), [
+    ("0 2 * * *", "0 0 2 * * *"),
+    ("*/15 9-17 * * mon-fri", "0 */15 9-17 * * mon-fri"),
+    ("30 6 1,15 * *", "0 30 6 1,15 * *"),
+    ("0 0 13 * 5", "0 0 0 13 * 5"),
+    ("5 4 * jan,jul sun", "0 5 4 * jan,jul sun"),
+    ("0 12 31 * *", "0 0 12 31 * *"),
+    ("0 0 29 2 *", "0 0 0 29 2 *"),
+])
+def test_five_and_six_field_crons_agree(five: str, six: str) -> None:
+    for at in (datetime(2025, 1, 1, tzinfo=UTC), datetime(2025, 2, 28, 23, 59, 30, tzinfo=UTC),
+               datetime(2025, 3, 15, 2, 0, tzinfo=UTC), datetime(2025, 6, 13, tzinfo=UTC),
+               datetime(2025, 6, 6, 17, 50, 12, 345000, tzinfo=UTC),
+               datetime(2027, 12, 31, 12, 0, tzinfo=UTC)):
+        assert next_run(five, at) == next_run(six, at), at
 
 
 # --- ticks of the scheduler process ----------------------------------------------------------
@@ -360,7 +465,8 @@ def test_pause_resume_run_now_and_delete(env: Env, tmp_path: Path) -> None:
     copy_adapter(env.adapters["qv"], collection / "qv")
     copy_adapter(env.adapters["pattern"], collection / "pattern")
     schedule = create(env, schedule_body(env, "pausable", {"directory": str(collection)},
-                                         str(tmp_path / "out"), every_seconds=1))
+                                         str(tmp_path / "out"), every_seconds=None,
+                                         cron="* * * * * *"))
     sid = schedule["id"]
     first = env.wait_runs(sid, 1)[-1]
     assert env.wait_job(first["job_id"]).status == "succeeded"

@@ -22,9 +22,11 @@ from datetime import datetime
 from typing import Any, ClassVar
 
 from celery.beat import Service
-from redbeat import RedBeatScheduler
+from redbeat import RedBeatScheduler, RedBeatSchedulerEntry
+from redbeat.schedules import rrule
 from redis.exceptions import LockError
 
+from workers.schedules.models import rule_from
 from workers.schedules.store import TICK_TASK, ScheduleStore, make_beat_app
 from workers.schedules.ticks import Ticker
 
@@ -33,9 +35,22 @@ TICK_THREADS = 4
 REDIS_RETRY_S = 300.0  # Redis away for longer: the scheduler exits (and is restarted)
 
 
+class TickEntry(RedBeatSchedulerEntry):
+    """redbeat's entry, a 6-field cron's rule counted from the entry's last run (see
+    `rule_from`): the rule stored in Redis counts from the schedule's creation or resume."""
+
+    @classmethod
+    def from_key(cls, key: str, app: Any = None) -> TickEntry:
+        entry = super().from_key(key, app=app)
+        if isinstance(entry.schedule, rrule) and entry.last_run_at is not None:
+            entry.schedule = rule_from(entry.schedule, entry.last_run_at)
+        return entry
+
+
 class ScheduleBeat(RedBeatScheduler):
     """redbeat's scheduler, running each due tick in a thread of this process."""
 
+    Entry = TickEntry
     ticker: ClassVar[Ticker | None] = None  # set by `run_scheduler`
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

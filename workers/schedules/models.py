@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import calendar
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Literal
 
-from celery.schedules import crontab
+from celery.schedules import crontab, crontab_parser
+from dateutil.rrule import SECONDLY
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from redbeat.schedules import rrule
 
 from merge_service.errors import Problem
 from merge_service.spec import MethodSpec, Options, OutputDtype, OutputFormat, Space, parse_size
@@ -18,6 +21,10 @@ from workers.jobs import JobStatus
 COLLECTION_SLUG = re.compile(r"^[\w.-]+/[\w.-]+-[0-9a-f]{24}$")
 SCHEDULE_ID = re.compile(r"^[0-9a-f]{20}$")
 RUN_ID = SCHEDULE_ID
+# the fields of a 6-field cron, seconds first, with their ranges as crontab_parser takes them
+# (max_, min_): seconds and minutes 0-59, hours 0-23, days 1-31, months 1-12, weekdays 0-6
+CRON_FIELDS = (("second", 60, 0), ("minute", 60, 0), ("hour", 24, 0), ("day", 31, 1),
+               ("month", 12, 1), ("weekday", 7, 0))
 
 
 class _Strict(BaseModel):
@@ -82,8 +89,11 @@ class SpecTemplate(_Strict):
 class ScheduleCreate(_Strict):
     name: str = Field(min_length=1, max_length=100, description="free text; also the name of "
                       "the jobs it submits")
-    cron: str | None = Field(None, description="5-field cron `minute hour day month weekday` "
-                             "(UTC), e.g. `0 2 * * *`")
+    cron: str | None = Field(None, description="cron, UTC: 5 fields `minute hour day month "
+                             "weekday`, e.g. `0 2 * * *`, or 6 with seconds first `second "
+                             "minute hour day month weekday`, e.g. `*/30 * * * * *`; weekday 0 "
+                             "or sun is Sunday; when both day and weekday are restricted, a run "
+                             "needs both to match (cron's usual rule is either)")
     every_seconds: int | None = Field(None, ge=1, le=366 * 86400,
                                       description="instead of `cron`: a run every N seconds")
     base: str = Field(min_length=1, description="the base model: Hub id[@revision] or an "
@@ -178,20 +188,54 @@ class RunList(BaseModel):
     runs: list[ScheduleRun] = Field(description="newest first")
 
 
-def cron_schedule(expression: str) -> crontab:
-    """A 5-field cron expression as a Celery crontab; ValueError naming the problem."""
+def cron_schedule(expression: str) -> crontab | rrule:
+    """A cron expression as a beat schedule, UTC; ValueError naming the problem.
+
+    5 fields: a Celery crontab. 6 fields (seconds first): celery-redbeat's rrule, every matching
+    second from now on; redbeat stores it in Redis and reads it back (a schedule class of ours
+    would not survive its JSON decoder). Both match a restricted day and weekday together, as
+    Celery's crontab does."""
 
     fields = expression.split()
-    if len(fields) != 5:
-        raise ValueError(f"cron {expression!r}: expected 5 fields (minute hour day month "
-                         "weekday); for seconds use every_seconds")
-    minute, hour, day_of_month, month_of_year, day_of_week = fields
-    try:
-        schedule = crontab(minute=minute, hour=hour, day_of_month=day_of_month,
+    if len(fields) == 5:
+        minute, hour, day_of_month, month_of_year, day_of_week = fields
+        try:
+            return crontab(minute=minute, hour=hour, day_of_month=day_of_month,
                            month_of_year=month_of_year, day_of_week=day_of_week)
-    except Exception as exc:  # celery raises ValueError or its own ParseException
-        raise ValueError(f"cron {expression!r}: {exc}") from None
-    return schedule
+        except Exception as exc:  # celery raises ValueError or its own ParseException
+            raise ValueError(f"cron {expression!r}: {exc}") from None
+    if len(fields) != 6:
+        raise ValueError(f"cron {expression!r}: expected 5 fields (minute hour day month "
+                         "weekday) or 6 (second minute hour day month weekday)")
+    by: dict[str, list[int] | None] = {}
+    for (name, max_, min_), field in zip(CRON_FIELDS, fields, strict=True):
+        try:
+            by[name] = None if field == "*" else sorted(crontab_parser(max_, min_).parse(field))
+        except Exception as exc:  # ValueError or celery's ParseException
+            raise ValueError(f"cron {expression!r}: {name} {field!r}: {exc}") from None
+    # dateutil would look for a date that never comes until the year 9999; 2000 is a leap year
+    # (February 29 does come)
+    if not any(day <= calendar.monthrange(2000, month)[1]
+               for month in by["month"] or range(1, 13) for day in by["day"] or range(1, 32)):
+        raise ValueError(f"cron {expression!r}: day {fields[3]!r} never occurs in month "
+                         f"{fields[4]!r}")
+    weekdays = by["weekday"]
+    return rrule(SECONDLY, dtstart=datetime.now(UTC).replace(microsecond=0),
+                 bysecond=by["second"], byminute=by["minute"], byhour=by["hour"],
+                 bymonthday=by["day"], bymonth=by["month"],
+                 # cron counts weekdays from Sunday = 0, dateutil from Monday = 0
+                 byweekday=None if weekdays is None else sorted((d - 1) % 7 for d in weekdays))
+
+
+def rule_from(rule: rrule, start: datetime) -> rrule:
+    """A 6-field cron's rule counted from `start` (to the second) instead of from its creation.
+
+    The runs after `start` are the same (every matching second is one), but dateutil walks
+    every run from the rule's start at each look-up: from a creation days back, a `* * * * * *`
+    rule would take seconds a look-up, and the scheduler looks up each due entry every tick."""
+    return rrule(SECONDLY, dtstart=start.replace(microsecond=0), app=rule.app,
+                 **{arg: getattr(rule, arg) for arg in (
+                     "bysecond", "byminute", "byhour", "bymonthday", "bymonth", "byweekday")})
 
 
 Schedule.model_rebuild()
