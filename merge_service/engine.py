@@ -12,6 +12,7 @@ import re
 import resource
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,10 @@ from merge_service.sources.resolve import HubOptions, ResolvedSource, resolve_so
 from merge_service.spaces import CoreSpace, KnotsSpace, core_space, knots_space
 from merge_service.spec import JobSpec
 
+# the next tensor is read in a thread while the current one merges when all its inputs
+# together are at most this big (a layer's matrices); bigger ones (embeddings) only get the
+# kernel's read-ahead, so that reading ahead never holds a second copy of the largest tensor
+READ_AHEAD_BYTES = 256 * 2**20
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64}
 
@@ -241,12 +246,15 @@ def execute(prepared: PreparedMerge, *, overwrite: bool = False,
         out = _Outputs(writer, adapter, artifact)
         merged = set(p.merged)
         total = len(order)
+        reader = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
         for done, name in enumerate(order):
             if cancelled():
+                reader.shutdown(cancel_futures=True)
                 raise MergeCancelled(f"cancelled after {done} of {total} tensors")
             report(Progress("merging", done, total, name))
             if done + 1 < total and whole is None:
-                _prefetch(p, order[done + 1], order[done + 1] in merged, writer is not None)
+                _read_next(p, order[done + 1], order[done + 1] in merged, writer is not None,
+                           reader)
             if name not in merged:
                 if writer is not None:
                     writer.add(name, _cast_output(p.base.get(name), p.output_dtype))
@@ -257,6 +265,7 @@ def execute(prepared: PreparedMerge, *, overwrite: bool = False,
                 tensor_report[name] = _merge_lora_module(p, name, out)
             else:
                 tensor_report[name] = _merge_tensor(p, name, out)
+        reader.shutdown()
         report(Progress("merging", total, total, None))
         merge_s = time.perf_counter() - started
 
@@ -302,21 +311,25 @@ def execute(prepared: PreparedMerge, *, overwrite: bool = False,
     return result
 
 
-def _prefetch(p: PreparedMerge, name: str, merged: bool, full_output: bool) -> None:
+def _read_next(p: PreparedMerge, name: str, merged: bool, full_output: bool,
+               reader: Executor) -> None:
     """Start reading the next tensor wherever the loop will read it: the base's copy for a
     full output, or the base and every full input for a full-space merge (LoRA modules in
-    core/knots space read only small factors)."""
+    core/knots space read only small factors). Read in `reader` up to `READ_AHEAD_BYTES`,
+    else left to the kernel's read-ahead."""
     if not merged:
-        if full_output:
-            p.base.prefetch(name)
-        return
-    if p.space in {"core", "knots"} and _lora_only(p, name):
-        return
-    p.base.prefetch(name)
-    for task in p.inputs:
-        prefetch = getattr(task.model, "prefetch", None)
-        if prefetch is not None:
-            prefetch(name)
+        checkpoints = [p.base] if full_output else []
+    elif p.space in {"core", "knots"} and _lora_only(p, name):
+        checkpoints = []
+    else:
+        checkpoints = [p.base] + [t.model for t in p.inputs if isinstance(t.model, Checkpoint)]
+    if sum(c.nbytes_of(name) for c in checkpoints) <= READ_AHEAD_BYTES:
+        for checkpoint in checkpoints:
+            if name in checkpoint.tensors:
+                checkpoint.read_ahead(name, reader)
+    else:
+        for checkpoint in checkpoints:
+            checkpoint.prefetch(name)
 
 
 def _commit_message(p: PreparedMerge) -> tuple[str, str]:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import Executor
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from merge_service import __version__
-from merge_service.engine import Progress, prepare, run_merge
+from merge_service import __version__, engine
+from merge_service.engine import Progress, execute, prepare, run_merge
 from merge_service.errors import CorruptTensorError, MergeCancelled, PreflightError
 from merge_service.methods import SumOfTerms, TensorTask, available, build_method
+from merge_service.sources.checkpoint import Checkpoint
 from merge_service.spec import load_spec, spec_from_dict
 from tests.conftest import (
     Synthetic,
@@ -221,6 +223,42 @@ def test_sum_methods_stream_one_task_at_a_time_with_the_same_result(
         assert delta is not None
         assert torch.equal(merged[name], (theta0.double() + delta).to(theta0.dtype)), name
         assert report["tensors"][name] == {"action": "merged", **task.diagnostics}
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_reading_ahead_changes_no_byte(synthetic: Synthetic, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    """The next tensor is read in a thread while the current one merges (inputs up to
+    READ_AHEAD_BYTES) or only advised to the kernel: the output is the same either way, and
+    every tensor read ahead is taken by the loop (none left holding memory)."""
+    calls: list[str] = []
+    read_ahead = Checkpoint.read_ahead
+
+    def counted(self: Checkpoint, name: str, executor: Executor) -> None:
+        calls.append(name)
+        read_ahead(self, name, executor)
+
+    monkeypatch.setattr(Checkpoint, "read_ahead", counted)
+    outputs = []
+    for limit in (0, 2**40):
+        monkeypatch.setattr(engine, "READ_AHEAD_BYTES", limit)
+        calls.clear()
+        out = tmp_path / f"out-{limit}"
+        prepared = prepare(spec_from_dict(job(synthetic.base, synthetic.tasks, out,
+                                              method=method)))
+        try:
+            execute(prepared)
+            for checkpoint in (prepared.base, *(t.model for t in prepared.inputs)):
+                assert isinstance(checkpoint, Checkpoint) and not checkpoint._ahead
+        finally:
+            prepared.close()
+        # every tensor but the first is read ahead: merged ones from the base and both tasks,
+        # integer buffers (copied) from the base
+        ahead = [3 if synthetic.base_tensors[n].is_floating_point() else 1
+                 for n in sorted(synthetic.base_tensors)[1:]]
+        assert len(calls) == (0 if limit == 0 else sum(ahead))
+        outputs.append({f.name: f.read_bytes() for f in sorted(out.glob("*.safetensors"))})
+    assert outputs[0] and outputs[0] == outputs[1]
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,27 @@ def test_prefetch_is_advice_only(tmp_path: Path) -> None:
     for name, value in tensors.items():
         assert torch.equal(checkpoint.get(name), value)
     checkpoint.close()
+
+
+def test_read_ahead_returns_what_get_reads(tmp_path: Path) -> None:
+    """A tensor read ahead in a thread is what `get` returns once (then `get` reads again);
+    closing with reads still queued or in flight waits for them and closes every file."""
+    tensors = {f"t{i}": torch.randn(256, 64) for i in range(8)}
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    checkpoint, _ = Checkpoint.open(tmp_path, "m")
+    assert checkpoint is not None
+    with ThreadPoolExecutor(1) as reader:
+        checkpoint.read_ahead("t0", reader)
+        checkpoint.read_ahead("t0", reader)  # already on its way: not read twice
+        assert list(checkpoint._ahead) == ["t0"]
+        first = checkpoint.get("t0")
+        assert torch.equal(first, tensors["t0"]) and not checkpoint._ahead
+        second = checkpoint.get("t0")
+        assert torch.equal(second, tensors["t0"]) and second.data_ptr() != first.data_ptr()
+        for name in tensors:
+            checkpoint.read_ahead(name, reader)
+        checkpoint.close()
+        assert not checkpoint._ahead and not checkpoint._handles
 
 
 def test_floating_dtype_is_the_majority_by_size(tmp_path: Path) -> None:
