@@ -53,20 +53,21 @@ def create_job(request: Request, response: Response,
 
 
 @router.get("/v1/jobs", response_model=JobList, tags=["jobs"], summary="List jobs, newest first")
-def list_jobs(request: Request, principal: Reader,
-              status: JobStatus | None = None, name: str | None = None,
-              limit: Annotated[int, Query(ge=1, le=100)] = 20,
-              cursor: Annotated[str | None, Query(description="`next_cursor` of the previous "
-                                                              "page")] = None) -> JSONText:
+async def list_jobs(request: Request, principal: Reader,
+                    status: JobStatus | None = None, name: str | None = None,
+                    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                    cursor: Annotated[str | None, Query(
+                        description="`next_cursor` of the previous page")] = None) -> JSONText:
     if cursor is not None and not JOB_ID.match(cursor):
         raise BadRequest("invalid cursor: pass the `next_cursor` of a previous page")
-    return JSONText(service(request).list_json(status, name, limit, cursor))
+    return JSONText(await service(request).list_json(request.app.state.async_redis, status,
+                                                     name, limit, cursor))
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobRecord, tags=["jobs"], responses=_404,
             summary="A job record")
-def get_job(request: Request, job_id: JobId, principal: Reader) -> JSONText:
-    return JSONText(service(request).get_json(job_id))
+async def get_job(request: Request, job_id: JobId, principal: Reader) -> JSONText:
+    return JSONText(await service(request).get_json(request.app.state.async_redis, job_id))
 
 
 @router.get("/v1/jobs/{job_id}/events", tags=["jobs"], response_class=StreamingResponse,

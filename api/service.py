@@ -12,7 +12,9 @@ import json
 import logging
 from typing import Any
 
+import redis.asyncio as aioredis
 from celery import Celery
+from starlette.concurrency import run_in_threadpool
 
 from api.auth import Principal
 from api.errors import Conflict, Forbidden, Invalid, NotFound, Unavailable
@@ -108,21 +110,21 @@ class JobService:
             raise NotFound(f"no job {job_id!r}")
         return record
 
-    def get_json(self, job_id: str) -> str:
+    async def get_json(self, client: aioredis.Redis, job_id: str) -> str:
         """`get`, as JSON text straight from the stored fields (the polling hot path)."""
-        text = self.store.get_json(job_id)
+        text = await self.store.get_json(client, job_id)
         if text is None:
             raise NotFound(f"no job {job_id!r}")
         return text
 
-    def list_json(self, status: str | None, name: str | None, limit: int, cursor: str | None
-                  ) -> str:
+    async def list_json(self, client: aioredis.Redis, status: str | None, name: str | None,
+                        limit: int, cursor: str | None) -> str:
         """A `JobList` as JSON text; unfiltered pages come straight from the stored fields."""
         if status is None and name is None:
-            records, next_cursor = self.store.list_json(limit=limit, after=cursor)
+            records, next_cursor = await self.store.list_json(client, limit=limit, after=cursor)
         else:
-            jobs, next_cursor = self.store.list(status=status, name=name, limit=limit,
-                                                after=cursor)
+            jobs, next_cursor = await run_in_threadpool(
+                self.store.list, status=status, name=name, limit=limit, after=cursor)
             records = [job.model_dump_json() for job in jobs]
         return f'{{"jobs":[{",".join(records)}],"next_cursor":{json.dumps(next_cursor)}}}'
 
