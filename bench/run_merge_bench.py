@@ -12,9 +12,12 @@ writes bench/results/merge_bench.json and bench/results/merge_bench.md and print
 Measurement:
 - every merge is a child process; its peak RSS is `ru_maxrss` from `os.wait4` (exact, the
   kernel's high-water mark of the process's resident set: anonymous memory plus file pages
-  mapped into it, e.g. safetensors mmaps). A sampler also reads /proc/PID/status every 0.1 s
-  to split the peak into anonymous and file-backed pages (sampled, so approximate).
-- wall time: from spawn to exit, including interpreter start and imports.
+  mapped into it, e.g. safetensors mmaps), taken by a small launcher process that forks it
+  (a child forked from this harness would start from the harness's own high-water mark). A
+  sampler also reads /proc/PID/status every 0.1 s to split the peak into anonymous and
+  file-backed pages (sampled, so approximate).
+- wall time: from spawn to exit, including interpreter start and imports (and the launcher's
+  start, some 20 ms).
 - before every run the page cache is dropped (`sync; echo 3 > /proc/sys/vm/drop_caches`, needs
   root), so every run reads its inputs from disk; where that is not permitted, every input file
   is read once first so that every run sees a warm cache (the results say which).
@@ -136,6 +139,31 @@ def warm_read(paths: list[Path]) -> None:
                     pass
 
 
+# Linux starts a child's ru_maxrss at the high-water RSS of the image it was forked from and
+# keeps it across exec: measured from this harness (torch imported, sometimes the inputs just
+# built in it), a 0.3 GB merge read as 1.5 GB. So a small launcher, started fresh, forks and
+# execs the measured command and reports that child's rusage.
+_LAUNCHER = """
+import json, os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    json.dump({"maxrss_kb": usage.ru_maxrss, "user_s": usage.ru_utime,
+               "sys_s": usage.ru_stime}, f)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def _only_child(pid: int) -> int | None:
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return None
+    return int(children[0]) if children else None
+
+
 def measure(m: Measurement, log_path: Path, cache: str, inputs: list[Path]) -> Measurement:
     if cache == "cold":
         if not drop_caches():
@@ -148,29 +176,37 @@ def measure(m: Measurement, log_path: Path, cache: str, inputs: list[Path]) -> M
     with log_path.open("w") as log:
         busy0 = busy_cpu_s()
         started = time.perf_counter()
-        proc = subprocess.Popen(m.command, stdout=log, stderr=subprocess.STDOUT, env=env,
+        usage_path = log_path.with_suffix(".rusage.json")
+        usage_path.unlink(missing_ok=True)
+        proc = subprocess.Popen([sys.executable, "-I", "-c", _LAUNCHER, str(usage_path),
+                                 *m.command], stdout=log, stderr=subprocess.STDOUT, env=env,
                                 cwd=ROOT)
         stop = threading.Event()
 
         def sample() -> None:
+            child = None
             while not stop.is_set():
-                s = _status_kb(proc.pid)
-                for key in peaks:
-                    peaks[key] = max(peaks[key], s.get(key, 0))
+                child = child or _only_child(proc.pid)
+                if child is not None:
+                    s = _status_kb(child)
+                    for key in peaks:
+                        peaks[key] = max(peaks[key], s.get(key, 0))
                 stop.wait(0.1)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        _, status, usage = os.wait4(proc.pid, 0)
+        _, status, launcher = os.wait4(proc.pid, 0)
         m.wall_s = time.perf_counter() - started
         busy1 = busy_cpu_s()
         stop.set()
         sampler.join()
         proc.returncode = os.waitstatus_to_exitcode(status)
     m.returncode = proc.returncode
-    m.user_s, m.sys_s = usage.ru_utime, usage.ru_stime
-    m.peak_rss_bytes = usage.ru_maxrss * 1024  # KiB on Linux
-    other = (busy1 - busy0) - (usage.ru_utime + usage.ru_stime)
+    usage = json.loads(usage_path.read_text())
+    m.user_s, m.sys_s = usage["user_s"], usage["sys_s"]
+    m.peak_rss_bytes = usage["maxrss_kb"] * 1024  # KiB on Linux
+    measured = m.user_s + m.sys_s + launcher.ru_utime + launcher.ru_stime
+    other = (busy1 - busy0) - measured
     m.other_cpu_cores = round(max(0.0, other) / m.wall_s, 2) if m.wall_s else 0.0
     m.sampled_peak_anon_bytes = peaks["RssAnon"] * 1024
     m.sampled_peak_file_bytes = peaks["RssFile"] * 1024
