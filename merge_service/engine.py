@@ -246,26 +246,26 @@ def execute(prepared: PreparedMerge, *, overwrite: bool = False,
         out = _Outputs(writer, adapter, artifact)
         merged = set(p.merged)
         total = len(order)
-        reader = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
-        for done, name in enumerate(order):
-            if cancelled():
-                reader.shutdown(cancel_futures=True)
-                raise MergeCancelled(f"cancelled after {done} of {total} tensors")
-            report(Progress("merging", done, total, name))
-            if done + 1 < total and whole is None:
-                _read_next(p, order[done + 1], order[done + 1] in merged, writer is not None,
-                           reader)
-            if name not in merged:
-                if writer is not None:
-                    writer.add(name, _cast_output(p.base.get(name), p.output_dtype))
-            elif whole is not None:
-                out.add_merged(p, name, whole.tensor(name))
-                tensor_report[name] = whole.info(name)
-            elif p.space in {"core", "knots"} and _lora_only(p, name):
-                tensor_report[name] = _merge_lora_module(p, name, out)
-            else:
-                tensor_report[name] = _merge_tensor(p, name, out)
-        reader.shutdown()
+        # a failure or cancel leaves at most the next tensor's reads running: the executor
+        # waits for them, and closing the inputs drops what they read
+        with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as reader:
+            for done, name in enumerate(order):
+                if cancelled():
+                    raise MergeCancelled(f"cancelled after {done} of {total} tensors")
+                report(Progress("merging", done, total, name))
+                if done + 1 < total and whole is None:
+                    _read_next(p, order[done + 1], order[done + 1] in merged, writer is not None,
+                               reader)
+                if name not in merged:
+                    if writer is not None:
+                        writer.add(name, _cast_output(p.base.get(name), p.output_dtype))
+                elif whole is not None:
+                    out.add_merged(p, name, whole.tensor(name))
+                    tensor_report[name] = whole.info(name)
+                elif p.space in {"core", "knots"} and _lora_only(p, name):
+                    tensor_report[name] = _merge_lora_module(p, name, out)
+                else:
+                    tensor_report[name] = _merge_tensor(p, name, out)
         report(Progress("merging", total, total, None))
         merge_s = time.perf_counter() - started
 

@@ -54,6 +54,10 @@ class TensorInfo:
             n *= d
         return n
 
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     """Parse and check a safetensors header: dtypes known, offsets inside the file, no gaps.
@@ -88,7 +92,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         except (KeyError, TypeError, ValueError):
             raise SafetensorsFileError(f"tensor {name!r} has a malformed header entry") from None
         info = TensorInfo(path, dtype, shape, 8 + length + begin)
-        if end - begin != info.numel * dtype.itemsize or begin < 0:
+        if end - begin != info.nbytes or begin < 0:
             raise SafetensorsFileError(f"tensor {name!r}: data size does not match its shape")
         end_max = max(end_max, end)
         infos[name] = info
@@ -184,7 +188,7 @@ class Checkpoint:
 
     def nbytes_of(self, name: str) -> int:
         info = self.tensors.get(name)
-        return 0 if info is None else info.numel * info.dtype.itemsize
+        return 0 if info is None else info.nbytes
 
     def prefetch(self, name: str) -> None:
         """Ask the kernel to start reading a tensor's bytes into the page cache and return at
@@ -205,7 +209,7 @@ class Checkpoint:
         return max(counts, key=counts.__getitem__) if counts else torch.float32
 
     def nbytes(self) -> int:
-        return sum(i.numel * i.dtype.itemsize for i in self.tensors.values())
+        return sum(i.nbytes for i in self.tensors.values())
 
     def close(self) -> None:
         for ahead in self._ahead.values():  # a read in flight uses a descriptor closed below
