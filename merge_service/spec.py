@@ -57,9 +57,10 @@ class MethodSpec(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-class OutputSpec(_Strict):
+class OutputOptions(_Strict):
+    """`output` less its destination (a schedule's template holds these)."""
+
     format: OutputFormat = "full"
-    destination: str | None = Field(None, description="local directory or hub://org/name")
     dtype: OutputDtype | None = Field(None, description="default: the base model's dtype")
     private: bool = True
     create_pr: bool = False
@@ -70,6 +71,10 @@ class OutputSpec(_Strict):
     def _size(cls, value: str | int) -> str | int:
         parse_size(value)
         return value
+
+
+class OutputSpec(OutputOptions):
+    destination: str | None = Field(None, description="local directory or hub://org/name")
 
     @property
     def shard_bytes(self) -> int:

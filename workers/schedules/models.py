@@ -10,11 +10,11 @@ from typing import Literal
 
 from celery.schedules import crontab, crontab_parser
 from dateutil.rrule import SECONDLY
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from redbeat.schedules import rrule
 
 from merge_service.errors import Problem
-from merge_service.spec import MethodSpec, Options, OutputDtype, OutputFormat, Space, parse_size
+from merge_service.spec import MethodSpec, Options, OutputOptions, Space
 from workers.jobs import JobStatus
 
 # `namespace/title-slug-<24 hex>`, as the Hub names collections
@@ -61,20 +61,8 @@ class CollectionSpec(_Strict):
         return next(k for k in ("hub_collection", "sources", "directory") if getattr(self, k))
 
 
-class OutputTemplate(_Strict):
+class OutputTemplate(OutputOptions):
     """`output` of the job spec, less the destination (the schedule's, per run)."""
-
-    format: OutputFormat = "full"
-    dtype: OutputDtype | None = None
-    private: bool = True
-    create_pr: bool = False
-    shard_size: str | int = "5GB"
-
-    @field_validator("shard_size")
-    @classmethod
-    def _size(cls, value: str | int) -> str | int:
-        parse_size(value)
-        return value
 
 
 class SpecTemplate(_Strict):
