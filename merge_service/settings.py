@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,6 +25,10 @@ class Settings(BaseSettings):
     worker_queues: str = Field("auto", description="auto, cpu, gpu or cpu,gpu")
     # the service (api/, workers/)
     max_request_bytes: int = Field(1 << 20, ge=1024, description="largest accepted API body")
+    job_cpu_priority: Literal["idle", "low", "normal"] = Field(
+        "idle", description="CPU priority of running merges: idle (they run only on CPU time "
+        "nothing else wants, so the API and heartbeats are never kept waiting), low (nice 10), "
+        "normal")
     heartbeat_seconds: float = Field(10.0, gt=0, description="worker heartbeat; a job lock "
                                      "or worker record expires after 3 missed beats")
     # the client side of `merge-service submit`

@@ -19,7 +19,7 @@ from merge_service.settings import Settings
 
 QUEUES = ("gpu", "cpu")
 RUN_JOB = "merge_service.run_job"
-JOB_NICENESS = 10  # merges are batch work: on a shared host the API and heartbeats come first
+LOW_PRIORITY_NICENESS = 10
 
 
 class _OneJobAsynPool(AsynPool):
@@ -67,8 +67,18 @@ def make_celery(settings: Settings) -> Celery:
 
 @worker_process_init.connect
 def _lower_job_priority(**_: object) -> None:
-    """In each pool child (where jobs run), not in the worker's main process."""
-    os.nice(JOB_NICENESS)
+    """In each pool child (where jobs run), not in the worker's main process: merges are batch
+    work, and on a shared host the API, Redis and the worker's heartbeats come first.
+
+    `idle` is SCHED_IDLE where the OS has it: a waking normal task preempts the merge at once,
+    where under a nice value it may wait out the merge's time slice (nice 19 elsewhere). The
+    threads a merge starts later (PyTorch's pool) inherit the policy.
+    """
+    priority = Settings().job_cpu_priority
+    if priority == "idle" and hasattr(os, "SCHED_IDLE"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    elif priority != "normal":
+        os.nice(19 if priority == "idle" else LOW_PRIORITY_NICENESS)
 
 
 app = make_celery(Settings())

@@ -8,8 +8,11 @@ new workers with a byte-identical output, never run by two workers at once.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -269,3 +272,43 @@ def test_job_records_survive_an_api_restart(service: Service, minilm_inputs: Inp
         assert client.job(job["id"])["status"] == "succeeded"
     with httpx.Client(base_url=service.url) as http:
         assert http.get("/readyz").status_code == 200
+
+
+SCHED_OTHER, SCHED_IDLE = 0, 5
+
+
+def scheduling(pid: int) -> list[tuple[int, int]]:
+    """(policy, nice) of each thread of a process, from /proc (fields 19 and 41 of `stat`)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        found.append((int(fields[38]), int(fields[16])))
+    return found
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc (Linux)")
+def test_merges_run_at_idle_cpu_priority(service: Service) -> None:
+    """The pool child, where merges run, is SCHED_IDLE in every thread; the worker's main
+    process (heartbeats, reaping) keeps the normal policy."""
+    worker = next(w for w in service.workers if w.alive())
+    assert scheduling(worker.pid)[0] == (SCHED_OTHER, 0)
+    pool = wait_for(lambda: children(worker.pid), timeout=30, what="the worker's pool child")
+    for child in pool:
+        assert set(scheduling(child)) == {(SCHED_IDLE, 0)}, child
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+@pytest.mark.parametrize(("priority", "expected"), [("idle", (SCHED_IDLE, 0)),
+                                                     ("low", (SCHED_OTHER, 10)),
+                                                     ("normal", (SCHED_OTHER, 0))])
+def test_job_cpu_priority_setting(priority: str, expected: tuple[int, int]) -> None:
+    probe = ("import os; from workers.celery_app import _lower_job_priority as lower; lower(); "
+             "print(os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0))")
+    env = {**os.environ, "MERGE_SERVICE_JOB_CPU_PRIORITY": priority}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert (int(out[0]), int(out[1])) == expected
