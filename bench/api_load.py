@@ -234,6 +234,12 @@ async def load(url: str, job_id: str, clients: int, seconds: float, interval: fl
             "list_jobs": summary(latencies["list"])}
 
 
+def cpu_model() -> str:
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f
+                     if line.startswith("model name")), platform.processor())
+
+
 def server_histogram(url: str) -> dict[str, dict[str, float]]:
     """p50/p99 per route from the API's Prometheus histogram (upper bucket bounds)."""
     text = httpx.get(f"{url}/metrics").text
@@ -329,7 +335,8 @@ def main() -> int:
                 except subprocess.TimeoutExpired:
                     process.kill()
 
-    results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+    results = {"machine": {"cpu": cpu_model(), "cpus": os.cpu_count(),
+                           "platform": platform.platform(),
                            "python": platform.python_version(), "torch": torch.__version__},
                "date": datetime.now().isoformat(timespec="seconds"),
                "submit_to_start": start, "polling": polling,
@@ -356,7 +363,8 @@ def render(r: dict[str, Any]) -> str:
     lines = [
         "# API under load (bench/api_load.py)",
         "",
-        f"{r['date']}, {r['machine']['cpus']} CPUs, {r['machine']['platform']}, Python "
+        f"{r['date']}, {r['machine']['cpu']}, {r['machine']['cpus']} CPUs, "
+        f"{r['machine']['platform']}, Python "
         f"{r['machine']['python']}, torch {r['machine']['torch']}. One machine runs everything: "
         "Redis, the API (one uvicorn process), one worker merging the whole time "
         f"({r['background_merges']['method']}), and the load clients.",
