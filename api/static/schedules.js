@@ -108,6 +108,7 @@
       el("td", {}, r.trigger),
       el("td", {}, ...outcome(r)),
       el("td", {}, r.merged.length ? r.merged.join(", ") : "",
+         r.base && r.base !== s.base ? el("div", { class: "sub" }, `base: ${r.base}`) : "",
          r.left_out.length ? el("div", { class: "sub" }, `left out: ${r.left_out.map((l) => `${l.name || l.origin} (${l.reason})`).join("; ")}`) : ""),
       el("td", {}, jobLink(r.job_id, r.job_status) || "—"))));
     if (!answer.runs.length) $("runs").tBodies[0].append(el("tr", {}, el("td", { colspan: "5" }, "No runs yet.")));

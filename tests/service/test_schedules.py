@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from api.app import create_app
 from tests.hubstandin import HubStandIn, isolate_hf_environment
+from tests.hubstandin.server import json_response
 from tests.service.conftest import (
     API_KEYS,
     KEYS,
@@ -682,6 +683,45 @@ def test_hub_collection_pinned_to_shas_and_pushed_with_them(env: Env, tmp_path: 
         "hub_collection": "alice/nothing-" + "0" * 24}, str(tmp_path / "out"), paused=True))
     run = env.post(f"/v1/schedules/{missing['id']}/run").json()
     assert run["status"] == "failed" and "cannot read Hub collection" in run["reason"]
+
+
+def test_a_hub_base_is_pinned_and_a_new_commit_on_it_is_a_change(env: Env, tmp_path: Path
+                                                                  ) -> None:
+    hub = env.hub
+    v1 = hub.add_repo("acme/minilm-base", {p.name: p.read_bytes() for p in env.base.iterdir()
+                                            if p.is_file()})
+    adapters = [str(copy_adapter(env.adapters[name], tmp_path / name,
+                                 base_model_name_or_path="acme/minilm-base"))
+                for name in ("qv", "pattern")]
+    schedule = create(env, schedule_body(env, "hub-base", {"sources": adapters},
+                                         str(tmp_path / "out"), paused=True,
+                                         base="acme/minilm-base"))
+    sid = schedule["id"]
+    run = env.post(f"/v1/schedules/{sid}/run").json()
+    assert run["status"] == "submitted", run
+    assert run["base"] == f"acme/minilm-base@{v1}"
+    job = env.wait_job(run["job_id"])
+    assert job.status == "succeeded", job.error
+    assert job.spec.base == f"acme/minilm-base@{v1}"  # the commit the tick compared
+
+    again = env.post(f"/v1/schedules/{sid}/run").json()
+    assert again["status"] == "skipped" and "unchanged" in again["reason"], again
+
+    # a new commit on the base, adapters unchanged: a new job, onto that commit
+    v2 = hub.add_commit("acme/minilm-base", {"README.md": b"# MiniLM, new card\n"})
+    run = env.post(f"/v1/schedules/{sid}/run").json()
+    assert run["status"] == "submitted", run
+    assert run["base"] == f"acme/minilm-base@{v2}" and run["fingerprint"] != again["fingerprint"]
+    job = env.wait_job(run["job_id"])
+    assert job.status == "succeeded", job.error
+    assert job.spec.base == f"acme/minilm-base@{v2}"
+
+    # the Hub cannot say which commit the base is at: the run failed, with the reason
+    hub.fail_next("_model_info", json_response({"error": "Repository Not Found"}, 404,
+                                               {"X-Error-Code": "RepoNotFound"}))
+    run = env.post(f"/v1/schedules/{sid}/run").json()
+    assert run["status"] == "failed" and run["job_id"] is None, run
+    assert run["reason"].startswith("cannot read the base model acme/minilm-base"), run
 
 
 def test_explicit_sources_pinned_hub_revisions_and_local_hashes(env: Env, tmp_path: Path

@@ -35,24 +35,29 @@ if TYPE_CHECKING:
 
 
 class CollectionError(Exception):
-    """The collection itself cannot be read (not found, Hub unreachable, not a directory)."""
+    """The collection itself or the base cannot be read (not found, Hub unreachable, not a
+    directory)."""
 
 
 @dataclass
 class ResolvedCollection:
+    base: str = ""  # the base the job merges onto, a Hub id pinned to its commit (`pin_base`)
     adapters: list[PinnedAdapter] = field(default_factory=list)
     left_out: list[LeftOut] = field(default_factory=list)  # found but unreadable
     ignored: list[LeftOut] = field(default_factory=list)  # not LoRA adapters
 
     @property
     def fingerprint(self) -> str:
-        """The identity of the resolved set: what was found where, at which revision."""
+        """The identity of the resolved set: the base, and what was found where, at which
+        revision."""
         pinned = sorted(f"{a.origin}@{a.revision}" for a in self.adapters)
-        return hashlib.sha256(json.dumps(pinned).encode()).hexdigest()
+        return hashlib.sha256(json.dumps({"base": self.base, "adapters": pinned}).encode()
+                              ).hexdigest()
 
 
-def resolve_collection(collection: CollectionSpec, hub: HubOptions, snapshots: Path
+def resolve_collection(collection: CollectionSpec, base: str, hub: HubOptions, snapshots: Path
                        ) -> ResolvedCollection:
+    pinned_base = pin_base(base, hub)
     if collection.hub_collection is not None:
         resolved = _hub_collection(collection.hub_collection, hub)
     elif collection.sources is not None:
@@ -61,7 +66,26 @@ def resolve_collection(collection: CollectionSpec, hub: HubOptions, snapshots: P
         assert collection.directory is not None
         resolved = _directory(Path(collection.directory), snapshots)
     _name_uniquely(resolved.adapters)
+    resolved.base = pinned_base
     return resolved
+
+
+def pin_base(base: str, hub: HubOptions) -> str:
+    """A Hub base pinned to the commit its revision (default `main`) names now, so that a new
+    commit there is a change the next tick merges, and the job merges onto the very commit the
+    tick compared. A local base stays as it is: hashing gigabytes of weights every tick would
+    cost more than the merge it might skip."""
+    if looks_local(base):
+        return base
+    from huggingface_hub import HfApi
+
+    repo_id, _, revision = base.partition("@")
+    try:
+        info = HfApi(endpoint=hub.endpoint, token=hub.token).model_info(
+            repo_id, revision=revision or None)
+    except Exception as exc:
+        raise CollectionError(f"cannot read the base model {base}: {_reason(exc)}") from None
+    return f"{repo_id}@{info.sha}"
 
 
 # --- the Hub ---------------------------------------------------------------------------------

@@ -157,7 +157,10 @@ class ScheduleRun(BaseModel):
     reason: str | None = None
     started_at: datetime
     finished_at: datetime | None = None
-    fingerprint: str | None = Field(None, description="sha256 of the resolved set")
+    fingerprint: str | None = Field(None, description="sha256 of the resolved set (base and "
+                                    "adapters)")
+    base: str | None = Field(None, description="the base the job merges onto: a Hub base pinned "
+                             "to its commit (a new commit there is a change, as an adapter's is)")
     adapters: list[PinnedAdapter] = Field(default_factory=list,
                                           description="the resolved set, pinned")
     merged: list[str] = Field(default_factory=list, description="names of the adapters the "

@@ -1,5 +1,6 @@
-"""One tick of a schedule: resolve its collection, skip when nothing changed since the last
-successful run, else submit a job pinned to the resolved revisions.
+"""One tick of a schedule: resolve its collection and its base (a Hub base to its current
+commit), skip when nothing changed since the last successful run, else submit a job pinned to
+the resolved revisions.
 
 Submitting goes through `JobService.submit`, the API's own path (the same preflight, store and
 queue), with the schedule's id on the job. Adapters that fail preflight (trained on another
@@ -95,7 +96,8 @@ class Ticker:
     def _run(self, schedule: Schedule, draft: _Draft, force: bool) -> ScheduleRun:
         self._prune()
         try:
-            found = resolve_collection(schedule.collection, self.settings.hub, self.snapshots)
+            found = resolve_collection(schedule.collection, schedule.base, self.settings.hub,
+                                       self.snapshots)
         except CollectionError as exc:
             return draft.done("failed", str(exc), problems=[RunProblem(message=str(exc))])
         draft.found(found)
@@ -129,7 +131,7 @@ class Ticker:
                 return draft.done("skipped", f"{len(candidates)} adapter(s) to merge"
                                   + (f" ({left_out} left out)" if left_out else "")
                                   + "; a merge needs at least 2")
-            spec = job_spec(schedule, candidates, destination)
+            spec = job_spec(schedule, found.base, candidates, destination)
             try:
                 record, _ = self.jobs.submit(spec, principal, schedule_id=schedule.id)
             except Invalid as exc:
@@ -153,10 +155,11 @@ class Ticker:
             return draft.done("submitted", None, job_id=record.id)
 
 
-def job_spec(schedule: Schedule, adapters: list[PinnedAdapter], destination: str) -> JobSpec:
+def job_spec(schedule: Schedule, base: str, adapters: list[PinnedAdapter], destination: str
+             ) -> JobSpec:
     template = schedule.template
     return JobSpec(
-        name=schedule.name, base=schedule.base,
+        name=schedule.name, base=base,
         models=[ModelEntry(source=a.source, name=a.name) for a in adapters],
         method=template.method, space=template.space,
         output=OutputSpec(**template.output.model_dump(), destination=destination),
@@ -172,6 +175,7 @@ class _Draft:
     trigger: Trigger
     started_at: Any
     fingerprint: str | None = None
+    base: str | None = None
     adapters: list[PinnedAdapter] = field(default_factory=list)
     left_out: list[LeftOut] = field(default_factory=list)
     ignored: list[LeftOut] = field(default_factory=list)
@@ -180,6 +184,7 @@ class _Draft:
 
     def found(self, found: ResolvedCollection) -> None:
         self.fingerprint = found.fingerprint
+        self.base = found.base
         self.adapters = list(found.adapters)
         self.left_out = list(found.left_out)
         self.ignored = list(found.ignored)
@@ -189,6 +194,7 @@ class _Draft:
         return ScheduleRun(
             id=self.id, schedule_id=self.schedule_id, trigger=self.trigger, status=status,
             reason=reason, started_at=self.started_at, finished_at=now(),
-            fingerprint=self.fingerprint, adapters=self.adapters, merged=self.merged,
-            left_out=self.left_out, ignored=self.ignored, problems=problems or [], job_id=job_id,
+            fingerprint=self.fingerprint, base=self.base, adapters=self.adapters,
+            merged=self.merged, left_out=self.left_out, ignored=self.ignored,
+            problems=problems or [], job_id=job_id,
             destination=self.destination if job_id else None)
