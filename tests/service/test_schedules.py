@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import secrets
 import shutil
 import signal
@@ -388,6 +389,26 @@ def test_five_and_six_field_crons_agree(five: str, six: str) -> None:
                datetime(2025, 6, 6, 17, 50, 12, 345000, tzinfo=UTC),
                datetime(2027, 12, 31, 12, 0, tzinfo=UTC)):
         assert next_run(five, at) == next_run(six, at), at
+
+
+@pytest.mark.parametrize(("expression", "message"), [
+    ("0 2 * mon *", "month 'mon': 'mon' is not a month (jan-dec)"),  # Celery: January
+    ("0 2 * * mar", "weekday 'mar': 'mar' is not a weekday (sun-sat)"),  # Celery: Wednesday
+    ("0 2 * * marble", "'marble' is not a weekday"),  # Celery: its first three letters
+    ("mon 2 * * *", "minute 'mon': names are allowed only in the month"),  # Celery: minute 1
+    ("0 0 2 tue * *", "day 'tue': names are allowed only in the month"),
+])
+def test_cron_names_only_in_their_own_fields(expression: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cron_schedule(expression)
+
+
+def test_cron_names_any_case_abbreviated_or_whole() -> None:
+    at = datetime(2025, 6, 6, 12, tzinfo=UTC)  # a Friday
+    assert next_run("0 9 * * Monday", at) == next_run("0 9 * * 1", at) == \
+        datetime(2025, 6, 9, 9, tzinfo=UTC)
+    assert next_run("0 0 1 JAN,july *", at) == datetime(2025, 7, 1, tzinfo=UTC)
+    assert next_run("0 0 0 1 Jan-Mar *", at) == datetime(2026, 1, 1, tzinfo=UTC)
 
 
 # --- ticks of the scheduler process ----------------------------------------------------------

@@ -26,6 +26,13 @@ RUN_ID = SCHEDULE_ID
 CRON_FIELDS = (("second", 60, 0), ("minute", 60, 0), ("hour", 24, 0), ("day", 31, 1),
                ("month", 12, 1), ("weekday", 7, 0))
 
+_MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august",
+           "september", "october", "november", "december")
+_WEEKDAYS = ("sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday")
+# the words each field may hold: abbreviations (cron's) and whole names, any case
+CRON_NAMES = {"month": {*_MONTHS, *(m[:3] for m in _MONTHS)},
+              "weekday": {*_WEEKDAYS, *(d[:3] for d in _WEEKDAYS)}}
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -179,6 +186,20 @@ class RunList(BaseModel):
     runs: list[ScheduleRun] = Field(description="newest first")
 
 
+def _check_names(expression: str, fields: list[str]) -> None:
+    """Names only where cron has them, each field only its own: Celery's parser takes any
+    word whose first three letters name a month or a weekday in any field (`* * * mon *` would
+    run in January, `0 2 * * marble` on Wednesdays)."""
+    for (name, _, _), field in zip(CRON_FIELDS[-len(fields):], fields, strict=True):
+        for word in re.findall(r"[A-Za-z]+", field):
+            if name not in CRON_NAMES:
+                raise ValueError(f"cron {expression!r}: {name} {field!r}: names are allowed "
+                                 "only in the month (jan-dec) and weekday (sun-sat) fields")
+            if word.lower() not in CRON_NAMES[name]:
+                raise ValueError(f"cron {expression!r}: {name} {field!r}: {word!r} is not a "
+                                 f"{name} ({'jan-dec' if name == 'month' else 'sun-sat'})")
+
+
 def cron_schedule(expression: str) -> crontab | rrule:
     """A cron expression as a beat schedule, UTC; ValueError naming the problem.
 
@@ -188,6 +209,10 @@ def cron_schedule(expression: str) -> crontab | rrule:
     Celery's crontab does."""
 
     fields = expression.split()
+    if len(fields) not in (5, 6):
+        raise ValueError(f"cron {expression!r}: expected 5 fields (minute hour day month "
+                         "weekday) or 6 (second minute hour day month weekday)")
+    _check_names(expression, fields)
     if len(fields) == 5:
         minute, hour, day_of_month, month_of_year, day_of_week = fields
         try:
@@ -195,9 +220,6 @@ def cron_schedule(expression: str) -> crontab | rrule:
                            month_of_year=month_of_year, day_of_week=day_of_week)
         except Exception as exc:  # celery raises ValueError or its own ParseException
             raise ValueError(f"cron {expression!r}: {exc}") from None
-    if len(fields) != 6:
-        raise ValueError(f"cron {expression!r}: expected 5 fields (minute hour day month "
-                         "weekday) or 6 (second minute hour day month weekday)")
     by: dict[str, list[int] | None] = {}
     for (name, max_, min_), field in zip(CRON_FIELDS, fields, strict=True):
         try:
