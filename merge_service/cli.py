@@ -174,7 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = os.environ.get("MERGE_SERVICE_DEBUG") == "1"
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a reader that went away is found here, not at interpreter exit
+        return code
     except InvalidInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
@@ -184,6 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return EXIT_FAILED
+    except BrokenPipeError:  # the reader went away (`merge-service methods | head`): not ours
+        # to report; stdout goes to /dev/null so that the interpreter's final flush is quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except MergeServiceError as exc:
         print(f"failed: {exc}", file=sys.stderr)
         if debug:

@@ -382,6 +382,19 @@ def test_methods_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert ta["params"]["alpha"]["default"] == 0.3
 
 
+@pytest.mark.parametrize("args", [["methods"], ["methods", "--json"]])
+def test_a_reader_that_went_away_is_not_an_error(args: list[str]) -> None:
+    """`merge-service methods | head -1`: no traceback, no `failed:`, exit 0."""
+    read, write = os.pipe()
+    os.close(read)  # gone before the first line
+    try:
+        done = subprocess.run([sys.executable, "-m", "merge_service.cli", *args], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120, check=False)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (0, "")
+
+
 # --------------------------------------------------------------------------------------------
 # revert
 
