@@ -181,10 +181,21 @@ def load_spec(path: str | Path) -> JobSpec:
 def parse_spec_text(text: str, json_only: bool = False) -> JobSpec:
     try:
         data = json.loads(text) if json_only else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        kind = "JSON" if json_only else "YAML"
-        raise SpecError(Problem(f"the spec is not valid {kind}: {exc}")) from None
+    except json.JSONDecodeError as exc:
+        raise SpecError(Problem(f"the spec is not valid JSON: {exc}")) from None
+    except yaml.YAMLError as exc:
+        raise SpecError(Problem(f"the spec is not valid YAML: {_yaml_error(exc)}")) from None
     return spec_from_dict(data)
+
+
+def _yaml_error(exc: yaml.YAMLError) -> str:
+    """`line L, column C: problem (context)`, one line (PyYAML's own text spans several and
+    quotes the input)."""
+    mark = getattr(exc, "problem_mark", None)
+    if not isinstance(exc, yaml.MarkedYAMLError) or mark is None:
+        return " ".join(str(exc).split())
+    context = f" ({exc.context})" if exc.context else ""
+    return f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}{context}"
 
 
 def _problem_from_pydantic(err: Any) -> Problem:
