@@ -136,7 +136,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="merge-service", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="merge-service",
+        description="Merge fine-tuned models and LoRA adapters of one base model, or run the "
+                    "merge service (REST API, workers, scheduler).",
+        epilog="Exit codes: 0 ok, 1 invalid input, 2 runtime failure. "
+               "MERGE_SERVICE_DEBUG=1 shows tracebacks.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     merge = sub.add_parser("merge", help="validate and run a job spec in this process")
