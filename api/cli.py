@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import json
 import os
@@ -78,6 +79,23 @@ def check_bind(host: str, settings: Any) -> None:
             "(MERGE_SERVICE_API_KEYS='KEY:admin,KEY2:read') to serve other machines")
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The API's socket, bound before anything else starts: a port in use is a clear error at
+    once, not a server log line after Redis and the worker are up."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        hint = (": another server (another `merge-service up`?) uses it; choose a port with "
+                "--port" if exc.errno == errno.EADDRINUSE else "")
+        raise InvalidInputError(f"cannot listen on {host}:{port}: "
+                                f"{exc.strerror or exc}{hint}") from None
+    return sock
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -95,9 +113,12 @@ def cmd_api(args: argparse.Namespace) -> int:
 
     settings = Settings()
     check_bind(args.host, settings)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=3)
-    return EXIT_OK
+    sock = listen(args.host, args.port)
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=args.host, port=args.port,
+                                           log_level=args.log_level,
+                                           timeout_graceful_shutdown=3))
+    server.run(sockets=[sock])
+    return EXIT_OK if server.started else EXIT_FAILED
 
 
 # --- worker --------------------------------------------------------------------------------

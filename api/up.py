@@ -88,7 +88,7 @@ def run_up(host: str, port: int, log_level: str) -> int:
     import uvicorn
 
     from api.app import create_app
-    from api.cli import check_bind
+    from api.cli import check_bind, listen
     from merge_service.settings import Settings
     from workers.redis_server import EmbeddedRedis
 
@@ -105,6 +105,11 @@ def run_up(host: str, port: int, log_level: str) -> int:
     except BlockingIOError:
         raise InvalidInputError(f"another `merge-service up` is running with DATA_DIR "
                                 f"{data_dir}") from None
+    try:
+        sock = listen(host, port)
+    except InvalidInputError:
+        lock.close()
+        raise
 
     embedded = None
     worker = None
@@ -139,7 +144,7 @@ def run_up(host: str, port: int, log_level: str) -> int:
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                                timeout_graceful_shutdown=3))
         with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the signal it handled
-            server.run()
+            server.run(sockets=[sock])
         return 0 if server.started else 2
     finally:
         print("merge-service: stopping", file=sys.stderr, flush=True)
@@ -149,4 +154,5 @@ def run_up(host: str, port: int, log_level: str) -> int:
             worker.stop()
         if embedded is not None:
             embedded.stop()
+        sock.close()
         lock.close()

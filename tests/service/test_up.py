@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -120,6 +121,30 @@ def test_a_second_up_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
                 os.environ.pop("MERGE_SERVICE_DATA_DIR")
             else:
                 os.environ["MERGE_SERVICE_DATA_DIR"] = env_before
+
+
+@pytest.mark.parametrize("command", ["up", "api"])
+def test_a_port_in_use_is_a_clear_error_before_anything_starts(command: str,
+                                                               tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MERGE_SERVICE_")}
+    env |= {"MERGE_SERVICE_DATA_DIR": str(data_dir),
+            "MERGE_SERVICE_REDIS_URL": "redis://127.0.0.1:1/0"}  # never reached
+    if command == "up":
+        del env["MERGE_SERVICE_REDIS_URL"]  # `up` would start an embedded one
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "merge_service.cli", command, "--port",
+                               str(port)], env=env, capture_output=True, text=True,
+                              timeout=120, check=False)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip() == (f"error: cannot listen on 127.0.0.1:{port}: Address already "
+                                   "in use: another server (another `merge-service up`?) uses "
+                                   "it; choose a port with --port")
+    assert "is up" not in done.stdout
+    assert not (data_dir / "redis").exists() and not (data_dir / "logs").exists()
 
 
 def test_up_restarts_a_dead_worker_and_leaves_nothing_when_killed(tmp_path: Path) -> None:
