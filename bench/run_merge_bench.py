@@ -205,7 +205,7 @@ def measure(m: Measurement, log_path: Path, cache: str, inputs: list[Path]) -> M
     usage = json.loads(usage_path.read_text())
     m.user_s, m.sys_s = usage["user_s"], usage["sys_s"]
     m.peak_rss_bytes = usage["maxrss_kb"] * 1024  # KiB on Linux
-    measured = m.user_s + m.sys_s + launcher.ru_utime + launcher.ru_stime
+    measured = launcher.ru_utime + launcher.ru_stime  # wait4: the launcher and its child
     other = (busy1 - busy0) - measured
     m.other_cpu_cores = round(max(0.0, other) / m.wall_s, 2) if m.wall_s else 0.0
     m.sampled_peak_anon_bytes = peaks["RssAnon"] * 1024
