@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -191,8 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return EXIT_FAILED
-    except BrokenPipeError:  # the reader went away (`merge-service methods | head`): not ours
-        # to report; stdout goes to /dev/null so that the interpreter's final flush is quiet
+    except BrokenPipeError as exc:
+        if not _reader_gone():  # another pipe than stdout: a failure like any other
+            return _unexpected(exc, debug)
+        # `merge-service methods | head`: not ours to report; stdout goes to /dev/null so that
+        # the interpreter's final flush is quiet
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except MergeServiceError as exc:
@@ -200,13 +204,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         return EXIT_FAILED
-    except Exception as exc:  # a bug or an environment failure: say so, keep the trace for debug
-        print(f"failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        if debug:
-            traceback.print_exc()
-        else:
-            print("(set MERGE_SERVICE_DEBUG=1 for the traceback)", file=sys.stderr)
-        return EXIT_FAILED
+    except Exception as exc:
+        return _unexpected(exc, debug)
+
+
+def _unexpected(exc: Exception, debug: bool) -> int:
+    """A bug or an environment failure: say so, keep the trace for debug."""
+    print(f"failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+    if debug:
+        traceback.print_exc()
+    else:
+        print("(set MERGE_SERVICE_DEBUG=1 for the traceback)", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (poll reports an error on it)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll here, or no real stdout
+        return False
 
 
 if __name__ == "__main__":

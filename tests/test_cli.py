@@ -395,6 +395,20 @@ def test_a_reader_that_went_away_is_not_an_error(args: list[str]) -> None:
     assert (done.returncode, done.stderr) == (0, "")
 
 
+def test_a_broken_pipe_elsewhere_is_a_failure(capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only stdout's reader going away is quiet: a BrokenPipeError from anything else (a
+    pipe to another process, a socket) is reported and exits 2."""
+    import merge_service.cli as cli_module
+
+    def broken(_: object) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli_module, "cmd_methods", broken)
+    code, _, err = run(capsys, "methods")
+    assert code == 2 and "failed: BrokenPipeError: [Errno 32] Broken pipe" in err
+
+
 # --------------------------------------------------------------------------------------------
 # revert
 
