@@ -48,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # some 230 000 objects) is never garbage: out of the collector's sight, a full
         # collection takes well under a millisecond instead of 100 ms, which a polling
         # client would otherwise see as its slowest responses
+        gc.collect()  # garbage frozen now would never be freed
         gc.freeze()
         app.state.async_redis = aioredis.Redis.from_url(settings.redis_url_or_default,
                                                         decode_responses=True)
