@@ -35,6 +35,20 @@ _EMBED_FACTOR = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_emb
 _UNSUPPORTED_PARTS = ("lora_magnitude_vector", "lora_E", "trainable_tokens", "ia3_", "vera_",
                       "hra_", "oft_", "boft_")
 
+# adapter_config.json settings under which the update is not s·B·A on an existing base module
+# (VeLoRA and BD-LoRA change training only, their weights are plain LoRA)
+_VARIANTS = {
+    "layer_replication": "an adapter with replicated layers",
+    "alora_invocation_tokens": "activated LoRA (the update applies after its invocation tokens)",
+    "use_qalora": "QA-LoRA (A acts on pooled inputs)",
+    "lora_bias": "a LoRA with a trainable bias on lora_B",
+    "arrow_config": "Arrow routing over LoRA experts",
+    "monteclora_config": "MonteCLoRA (sampled updates)",
+    "kasa_config": "KaSA (a learned diagonal between A and B)",
+    "target_parameters": "LoRA on bare parameters (target_parameters)",
+    "trainable_token_indices": "trainable token embeddings",
+}
+
 
 def is_adapter_dir(directory: Path) -> bool:
     return (directory / ADAPTER_CONFIG).is_file()
@@ -186,8 +200,11 @@ def _config_problems(config: dict, label: str) -> list[Problem]:
         problems.append(Problem("DoRA adapters (use_dora: true) are not supported: their "
                                 "magnitude vectors make the update non-linear in B·A",
                                 model=label))
-    if config.get("layer_replication"):
-        problems.append(Problem("adapters with layer_replication are not supported", model=label))
+    for key, what in _VARIANTS.items():
+        if config.get(key) not in (None, False, []):  # an empty config dict enables a variant
+            problems.append(Problem(f"{what} ({key}: {json.dumps(config[key])[:60]}) is not "
+                                    "supported: only plain LoRA, ΔW = s·B·A, can be merged",
+                                    model=label))
     for key in ("r", "lora_alpha"):
         value = config.get(key)
         if value is not None and (not isinstance(value, int | float) or value <= 0):

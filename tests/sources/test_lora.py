@@ -310,9 +310,25 @@ def test_non_positive_rank_or_alpha(small_adapter: Path, key: str, value: object
     assert any(f"{key} must be a positive number" in m for m in messages)
 
 
-def test_layer_replication_is_rejected(small_adapter: Path) -> None:
-    edit_config(small_adapter, layer_replication=[[0, 2]])
-    assert any("layer_replication" in m for m in open_problems(small_adapter))
+@pytest.mark.parametrize(("key", "value"), [
+    ("layer_replication", [[0, 2]]), ("alora_invocation_tokens", [128002, 9]),
+    ("use_qalora", True), ("lora_bias", True), ("arrow_config", {"top_k": 3}),
+    ("monteclora_config", {"n_samples": 4}), ("kasa_config", {}),
+    ("target_parameters", ["experts.gate_up_proj"]), ("trainable_token_indices", [5, 7])])
+def test_lora_variants_are_rejected(small_adapter: Path, key: str, value: object) -> None:
+    edit_config(small_adapter, **{key: value})
+    assert [m for m in open_problems(small_adapter) if key in m and "only plain LoRA" in m]
+
+
+@pytest.mark.parametrize(("key", "value"), [("use_qalora", False), ("layer_replication", None),
+                                            ("target_parameters", []), ("velora_config", {}),
+                                            ("use_bdlora", {"lora_a_is_blockdiagonal": True})])
+def test_settings_that_leave_plain_lora(small_adapter: Path, tiny_bert_dir: Path, key: str,
+                                        value: object) -> None:
+    """Unset variants, and VeLoRA and BD-LoRA (they change training, not the weights)."""
+    edit_config(small_adapter, **{key: value})
+    adapter, problems = LoraAdapter.open(small_adapter, "task1", base_names(tiny_bert_dir))
+    assert adapter is not None and problems == []
 
 
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", ""])
