@@ -36,11 +36,13 @@ class CoreSpace:
     def to_lora(self, merged_core: torch.Tensor, target_rank: int | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """`(A', B')` with `ΔW = B' A'`: `B' = U_B M̄`, `A' = V_Aᵀ`; with `target_rank`, the
-        top singular triplets of `M̄ = P S Qᵀ`: `B' = U_B P S`, `A' = Qᵀ V_Aᵀ`."""
-        if target_rank is None or target_rank >= min(merged_core.shape):
+        top singular triplets of `M̄ = P S Qᵀ`: `B' = U_B P S`, `A' = Qᵀ V_Aᵀ`, of rank
+        `min(target_rank, p, q)` (a `target_rank` of at least p but below q still truncates, to
+        p: exactly)."""
+        if target_rank is None or target_rank >= merged_core.shape[1]:
             return self.v_a.mT.contiguous(), self.u_b @ merged_core
         p, s, q = svd(merged_core)
-        k = target_rank
+        k = min(target_rank, s.shape[0])
         return (self.v_a @ q[:, :k]).mT.contiguous(), self.u_b @ (p[:, :k] * s[:k])
 
 

@@ -115,6 +115,21 @@ def test_lora_factors_of_the_core_merge_and_target_rank_truncation() -> None:
     torch.testing.assert_close(b2 @ a2, best, rtol=0, atol=1e-10)  # the best rank-3 fit
 
 
+@pytest.mark.parametrize("target_rank", [4, 5, 11])
+def test_target_rank_between_the_core_sides_truncates_exactly(target_rank: int) -> None:
+    """A narrow module (m = 4) under two rank-6 adapters: M̄ is 4 × 12, so any target rank
+    from 4 up to 11 gives an exact adapter of rank 4, not one of rank 12."""
+    factors = random_factors(8, 4, 30, [6, 6])
+    space = core_space(factors)
+    merged = run_rule("task_arithmetic", space.cores, alpha=1.0)
+    assert merged.shape == (4, 12)
+    a, b = space.to_lora(merged, target_rank=target_rank)
+    assert a.shape == (4, 30) and b.shape == (4, 4)
+    torch.testing.assert_close(b @ a, delta(factors[0]) + delta(factors[1]), rtol=0, atol=1e-10)
+    a12, _ = space.to_lora(merged, target_rank=12)
+    assert a12.shape == (12, 30)  # at q or above: the adapter as it is
+
+
 # ---------------------------------------------------------------------------------------------
 # end to end on MiniLM adapters built by peft
 
@@ -141,6 +156,8 @@ def test_lora_output_loads_in_peft_and_equals_the_full_output(
     config = json.loads((lora.destination / "adapter_config.json").read_text())
     assert config["lora_alpha"] == config["r"] and config["rank_pattern"]
     assert config["alpha_pattern"] == config["rank_pattern"]
+    # keyed by whole module names, which every PEFT release finds (older ones by exact lookup)
+    assert set(config["rank_pattern"]) < set(config["target_modules"])
     card = (lora.destination / "README.md").read_text()
     assert "base_model_relation: adapter" in card
     with offline():

@@ -7,7 +7,6 @@ whose rank differs from the most common one get `rank_pattern`/`alpha_pattern` e
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -64,8 +63,9 @@ class PeftAdapterWriter:
     def finish(self) -> list[str]:
         files = self._writer.finish()
         common = Counter(self.ranks.values()).most_common(1)[0][0] if self.ranks else 1
-        # exact module names as patterns: PEFT matches `(.*\.)?(pattern)$`
-        pattern = {re.escape(m): r for m, r in sorted(self.ranks.items()) if r != common}
+        # whole module names, unescaped: PEFT >= 0.15 matches `(.*\.)?(pattern)$`, older PEFT
+        # `.*\.pattern$` and then the name itself; an escaped dot would defeat that last lookup
+        pattern = {m: r for m, r in sorted(self.ranks.items()) if r != common}
         config = {
             "peft_type": "LORA",
             "task_type": self.template.get("task_type"),
