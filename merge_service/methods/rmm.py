@@ -48,13 +48,6 @@ def gram(xs: Sequence[torch.Tensor]) -> torch.Tensor:
     return k
 
 
-def centered_gram(k: torch.Tensor) -> torch.Tensor:
-    """`G = C K C` with `C = I − 11ᵀ/T`: `G_ts = ⟨τ_t − μ, τ_s − μ⟩`, formed from the Gram of the
-    uncentered τ_t in float64 (no rounding of the centered tensors enters it)."""
-    g = k - k.mean(dim=0, keepdim=True) - k.mean(dim=1, keepdim=True) + k.mean()
-    return (g + g.mT) / 2
-
-
 def eigen_basis(g: torch.Tensor, basis_size: int, floor: float = 0.0
                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """`G = Q Λ Qᵀ`, λ descending (negatives from rounding set to 0), and the number `k` of
@@ -104,18 +97,18 @@ class Rmm(MergeMethod):
         num_tasks = task.num_tasks
         shape = taus[0].shape
 
-        k_raw = gram(taus)  # ⟨τ_t, τ_s⟩, float64
-        # METHODS.md's relative cut assumes exact arithmetic: when every D_t is 0 (equal task
-        # vectors) λ_1 itself is rounding noise. Energy below T·eps(compute dtype)·Σ‖τ_t‖² is
-        # below what the compute dtype resolves in D_t, and is not kept.
-        floor = num_tasks * torch.finfo(taus[0].dtype).eps * float(k_raw.trace())
-        lam, q, kept = eigen_basis(centered_gram(k_raw), p.basis_size, floor)
-
+        sq_norms = [_sq_norm(tau) for tau in taus]  # ‖τ_t‖²
         mu = taus[0].clone()
         for tau in taus[1:]:
             mu.add_(tau)
         mu.div_(num_tasks)
         deltas = [tau.sub_(mu) for tau in taus]  # D_t = τ_t − μ, in place
+        # G of the D_t as computed, so that the Φ_j built from them are orthonormal.
+        # METHODS.md's relative cut assumes exact arithmetic: for equal task vectors the D_t
+        # are rounding residue of μ, and so is λ_1. Energy below (T·eps)²·Σ‖τ_t‖² (eps of the
+        # compute dtype), more than that residue can hold, is not kept.
+        floor = (num_tasks * torch.finfo(mu.dtype).eps) ** 2 * sum(sq_norms)
+        lam, q, kept = eigen_basis(gram(deltas), p.basis_size, floor)
 
         roots = lam[:kept].sqrt()  # sqrt(λ_j)
         weights = (q[:, :kept] / roots).tolist()  # Q_tj / sqrt(λ_j), T × k
@@ -141,7 +134,7 @@ class Rmm(MergeMethod):
             "eigenvalues": eigenvalues,
             "kept": kept,
             "dropped_eigenvalue_sum": sum(eigenvalues[kept:]),
-            "task_sq_norm": torch.diagonal(k_raw).tolist(),
+            "task_sq_norm": sq_norms,
             "task_sq_error": sq_errors,
             "stored_numel": (1 + kept) * mu.numel() + num_tasks * kept,
         })

@@ -183,6 +183,21 @@ def test_directions_below_the_cut_are_not_kept() -> None:
     torch.testing.assert_close(recovered(artifact, 2), a, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("relative", [5e-4, 1e-5])
+def test_close_task_vectors_in_float32_are_recovered(relative: float) -> None:
+    """Two float32 task vectors a relative `relative` apart: their one direction is well above
+    what rounding leaves in the D_t, so it is kept and both tasks come back to float32
+    accuracy (not collapsed onto μ, a relative error of `relative` / 2)."""
+    gen = generator(5)
+    a, b = randn(gen, 64, 48), randn(gen, 64, 48)
+    taus = [a.float(), (a + relative * b).float()]
+    _, artifact, diag = run(taus, basis_size=1)
+    assert diag["kept"] == 1
+    for t, tau in enumerate(taus):
+        error = (recovered(artifact, t) - tau).norm() / tau.norm()
+        assert error < 1e-6
+
+
 def test_a_zero_task_is_recovered_as_zero() -> None:
     gen = generator(3)
     tau = randn(gen, 4, 3)
