@@ -146,6 +146,31 @@ const Charts = (() => {
                   dataTable([xLabel, ...series.map((se) => se.name)], rows), wrap);
   }
 
+  // WCAG 2 relative luminance of an [r, g, b] in 0-255, and the contrast ratio of two colours
+  function luminance(rgb) {
+    const [r, g, b] = rgb.map((c) => {
+      const x = c / 255;
+      return x <= 0.04045 ? x / 12.92 : ((x + 0.055) / 1.055) ** 2.4;
+    });
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+  }
+
+  function contrast(a, b) {
+    const [hi, lo] = [luminance(a), luminance(b)].sort((x, y) => y - x);
+    return (hi + 0.05) / (lo + 0.05);
+  }
+
+  // a heatmap cell at t in [0, 1] (white -> dark blue) and the text colour that reads best on
+  // it. White or black text: any colour reaches at least sqrt(21) = 4.58:1 against one of
+  // them, so every cell passes WCAG AA (4.5:1) whatever the ramp; a grey text would not.
+  const TEXT = { "#ffffff": [255, 255, 255], "#000000": [0, 0, 0] };
+  function cellColours(t) {
+    const rgb = [255 - 244 * t, 255 - 168 * t, 255 - 47 * t].map(Math.round);
+    const ratios = Object.entries(TEXT).map(([name, c]) => [name, contrast(rgb, c)]);
+    const [text, ratio] = ratios.reduce((best, x) => (x[1] > best[1] ? x : best));
+    return { fill: `rgb(${rgb.join(",")})`, text, ratio };
+  }
+
   function heatmap(kind, title, rowLabels, colLabels, values) {
     const cell = 16, left = 200, top = 20;
     const cw = Math.max(40, Math.min(90, 420 / colLabels.length));
@@ -156,12 +181,11 @@ const Charts = (() => {
     rowLabels.forEach((r, i) => {
       svg.append(s("text", { x: left - 6, y: top + cell * i + 12, "text-anchor": "end" }, r));
       values[i].forEach((v, j) => {
-        const t = v / hi;  // white -> dark blue; text switches to white on dark cells
-        const shade = `rgb(${Math.round(255 - 244 * t)},${Math.round(255 - 168 * t)},${Math.round(255 - 47 * t)})`;
+        const { fill, text } = cellColours(v / hi);
         svg.append(s("rect", { class: "cell", x: left + cw * j, y: top + cell * i, width: cw - 1, height: cell - 1,
-                               fill: shade, "data-value": v }, s("title", {}, `${r}, ${colLabels[j]}: ${v}`)),
+                               fill, "data-value": v }, s("title", {}, `${r}, ${colLabels[j]}: ${v}`)),
                    s("text", { x: left + cw * j + cw / 2, y: top + cell * i + 12, "text-anchor": "middle",
-                               class: t > 0.55 ? "on-dark" : "" }, v));
+                               class: text === "#ffffff" ? "on-dark" : "on-light" }, v));
       });
     });
     return figure(kind, title, `${title}: ${rowLabels.length} layers by ${colLabels.length} tasks, largest ${hi}.`,
@@ -242,5 +266,5 @@ const Charts = (() => {
     return out.length;
   }
 
-  return { render, shortName };
+  return { render, shortName, cellColours, contrast };
 })();
