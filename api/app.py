@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from api.auth import parse_api_keys
+from api.auth import LocalOnly, parse_api_keys
 from api.dashboard import router as dashboard_router
 from api.errors import ApiError, BadRequest, ErrorBody, ErrorResponse, Invalid
 from api.metrics import ApiMetrics, MetricsMiddleware
@@ -74,6 +74,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(HTTPException, _http_error)
     app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    if not app.state.api_keys:
+        app.add_middleware(LocalOnly)
     return app
 
 

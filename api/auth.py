@@ -2,17 +2,25 @@
 
 `MERGE_SERVICE_API_KEYS="key1:admin,key2:read"`. With no key configured the API is in local
 mode: every request is allowed, and `merge-service api`/`up` refuse to bind anything but a
-loopback address. Keys are compared in constant time and never logged or returned; a key is
-known elsewhere only by its fingerprint (a truncated sha256).
+loopback address. `LocalOnly` guards local mode inside the app too: requests from a
+non-loopback address (a server started some other way), for a host name other than a loopback
+one (a web page whose DNS name was rebound to 127.0.0.1), or writes that a page of another
+origin sends (cross-site requests need no DNS trick) are refused.
+
+Keys are compared in constant time and never logged or returned; a key is known elsewhere only
+by its fingerprint (a truncated sha256).
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from fastapi import Depends, Request, Security
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
@@ -88,3 +96,66 @@ def require(role: Role) -> object:
         return principal
 
     return Depends(dependency)
+
+
+def is_loopback(host: str | None) -> bool:
+    """`localhost`, an address in 127.0.0.0/8, or ::1 (bracketed or not)."""
+    if not host:
+        return False
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a dual-stack socket
+    return (mapped or address).is_loopback
+
+
+def _host_name(value: str) -> str:
+    """The name of a `Host` header value, without the port."""
+    return urlsplit(f"//{value}").hostname or ""
+
+
+class LocalOnly:
+    """Local mode (no API key configured): only loopback, same-machine use of the API."""
+
+    unsafe = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] in {"http", "websocket"}:
+            reason = self._refusal(scope)
+            if reason is not None:
+                error = Forbidden(f"{reason}; without MERGE_SERVICE_API_KEYS the service is "
+                                  "in local mode and serves loopback requests only",
+                                  type="LocalModeOnly")
+                await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, scope: dict) -> str | None:
+        client = scope.get("client")
+        if client and _is_ip(client[0]) and not is_loopback(client[0]):
+            return f"requests from {client[0]} are refused"
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in scope.get("headers", [])}
+        host = _host_name(headers.get("host", ""))
+        if not is_loopback(host):
+            return f"requests for host {host or '(none)'!r} are refused"
+        origin = headers.get("origin")
+        if origin is not None and scope.get("method") in self.unsafe \
+                and not is_loopback(urlsplit(origin).hostname):
+            return f"writes from pages of origin {origin[:80]!r} are refused"
+        return None
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value.strip("[]"))
+    except ValueError:
+        return False
+    return True

@@ -39,7 +39,7 @@ def store(redis_server: EmbeddedRedis) -> Iterator[JobStore]:
 def make_client(redis_server: EmbeddedRedis, tmp_path: Path, **settings: Any) -> TestClient:
     app = create_app(service_settings(redis_url(redis_server, DB), tmp_path / "data",
                                       **settings))
-    return TestClient(app, raise_server_exceptions=True)
+    return TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=True)
 
 
 @pytest.fixture

@@ -188,7 +188,7 @@ def test_service_pulls_from_and_pushes_to_the_hub_and_retries_a_failed_push(
     settings = service_settings(url, tmp_path / "api-data", hf_endpoint=standin.url,
                                 hf_token=TOKEN)
     store = JobStore.from_url(url)
-    with TestClient(create_app(settings)) as http:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as http:
         created = http.post("/v1/jobs", json=body)
         assert created.status_code == 202, created.text
         job = created.json()

@@ -204,7 +204,8 @@ def test_a_killed_worker_s_job_is_finished_by_another(
         from api.app import create_app
         from tests.service.conftest import service_settings
 
-        with TestClient(create_app(service_settings(url, tmp_path / "data"))) as http:
+        with TestClient(create_app(service_settings(url, tmp_path / "data")),
+                        base_url="http://127.0.0.1") as http:
             job = http.post("/v1/jobs", json=slow_spec(minilm_inputs, destination)).json()
         total = wait_for(lambda: (progress := store.get(job["id"]).progress).stage
                          == "merging" and progress.total, timeout=120, interval=0.02,

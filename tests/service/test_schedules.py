@@ -126,7 +126,7 @@ def env(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory,
                                **hub_settings)
         app = create_app(service_settings(url, root / "data", api_keys=API_KEYS,
                                           hf_endpoint=hub.url, hf_token=HF_TOKEN))
-        with TestClient(app) as client:
+        with TestClient(app, base_url="http://127.0.0.1") as client:
             environment = Env(client, store, ScheduleStore(store, make_beat_app(
                 service_settings(url, root / "data"))), env_vars, root, hub, minilm_dir,
                 minilm_adapters)
