@@ -204,7 +204,8 @@ def test_create_validates_every_problem_and_checks_roles(env: Env, tmp_path: Pat
         ({"every_seconds": None, "cron": "0 0 24 * * *"}, "hour '24'"),
         ({"every_seconds": None, "cron": "0 0 0 0 * *"}, "day '0'"),
         ({"every_seconds": None, "cron": "0 0 0 * 13 *"}, "month '13'"),
-        ({"every_seconds": None, "cron": "0 0 0 * * 7"}, "weekday '7'"),
+        ({"every_seconds": None, "cron": "0 0 0 * * 8"}, "weekday '8'"),
+        ({"every_seconds": None, "cron": "0 0 * * sun#1"}, "'#' (nth weekday of the month)"),
         ({"every_seconds": None, "cron": "0 0 0 * * someday"}, "weekday 'someday'"),
         ({"every_seconds": None, "cron": "*/0 * * * * *"}, "second '*/0'"),
         ({"every_seconds": None, "cron": "0 0 0 31 2 *"},
@@ -401,6 +402,38 @@ def test_five_and_six_field_crons_agree(five: str, six: str) -> None:
 def test_cron_names_only_in_their_own_fields(expression: str, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         cron_schedule(expression)
+
+
+@pytest.mark.parametrize(("expression", "message"), [
+    ("0 2 * * sun#1", "weekday 'sun#1': '#' (nth weekday of the month) is not supported"),
+    ("0 2 * * 0#1", "weekday '0#1': '#' (nth weekday of the month) is not supported"),
+    ("0 0 2 * * mon#2", "weekday 'mon#2': '#'"),
+    ("0 2 L * *", "day 'L': 'L' (last day or weekday of the month) is not supported"),
+    ("0 2 * * 5L", "weekday '5L': 'L'"),
+    ("0 2 15W * *", "day '15W': 'W' (nearest weekday) is not supported"),
+    ("0 2 LW * *", "day 'LW': 'LW' (last weekday of the month)"),
+    ("0 2 ? * mon", "day '?': '?' (no specific value) is not supported"),
+    ("0 0 2 * * ?", "weekday '?': '?'"),
+    ("0 2 * * 8", "weekday '8'"),
+    ("0 0 2 * * 0-8", "weekday '0-8'"),
+])
+def test_cron_extensions_refused_by_name(expression: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cron_schedule(expression)
+
+
+def test_cron_seven_is_sunday() -> None:
+    friday = datetime(2025, 6, 6, 12, tzinfo=UTC)
+    sunday = datetime(2025, 6, 8, tzinfo=UTC)
+    for fields in ("0 0 * * {}", "0 0 0 * * {}"):
+        assert next_run(fields.format(7), friday) == next_run(fields.format(0), friday) == \
+            sunday
+        assert next_run(fields.format("1-7"), friday) == next_run(fields.format("*"), friday)
+        assert next_run(fields.format("6-7"), friday) == datetime(2025, 6, 7, tzinfo=UTC)
+        assert next_run(fields.format("1-7/2"), friday) == next_run(fields.format("0,1,3,5"),
+                                                                    friday) == sunday
+    assert cron_schedule("0 0 * * 7").day_of_week == {0}
+    assert list(cron_schedule("0 0 0 * * 7").byweekday) == [6]  # dateutil counts from Monday
 
 
 def test_cron_names_any_case_abbreviated_or_whole() -> None:

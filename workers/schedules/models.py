@@ -22,9 +22,15 @@ COLLECTION_SLUG = re.compile(r"^[\w.-]+/[\w.-]+-[0-9a-f]{24}$")
 SCHEDULE_ID = re.compile(r"^[0-9a-f]{20}$")
 RUN_ID = SCHEDULE_ID
 # the fields of a 6-field cron, seconds first, with their ranges as crontab_parser takes them
-# (max_, min_): seconds and minutes 0-59, hours 0-23, days 1-31, months 1-12, weekdays 0-6
+# (max_, min_): seconds and minutes 0-59, hours 0-23, days 1-31, months 1-12, weekdays 0-7
+# (0 and 7 are both Sunday, as in standard cron; 7 is mapped to 0 before Celery sees it)
 CRON_FIELDS = (("second", 60, 0), ("minute", 60, 0), ("hour", 24, 0), ("day", 31, 1),
-               ("month", 12, 1), ("weekday", 7, 0))
+               ("month", 12, 1), ("weekday", 8, 0))
+# Quartz's and some crons' extensions, which Celery does not have: `sun#1` would be read as
+# every Sunday (Celery drops what follows `#` after a name), so each is refused by name
+CRON_EXTENSIONS = {"#": "'#' (nth weekday of the month)", "?": "'?' (no specific value)",
+                   "L": "'L' (last day or weekday of the month)",
+                   "W": "'W' (nearest weekday)", "LW": "'LW' (last weekday of the month)"}
 
 _MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august",
            "september", "october", "november", "december")
@@ -86,9 +92,10 @@ class ScheduleCreate(_Strict):
                       "the jobs it submits")
     cron: str | None = Field(None, description="cron, UTC: 5 fields `minute hour day month "
                              "weekday`, e.g. `0 2 * * *`, or 6 with seconds first `second "
-                             "minute hour day month weekday`, e.g. `*/30 * * * * *`; weekday 0 "
-                             "or sun is Sunday; when both day and weekday are restricted, a run "
-                             "needs both to match (cron's usual rule is either)")
+                             "minute hour day month weekday`, e.g. `*/30 * * * * *`; weekday "
+                             "0, 7 or sun is Sunday; no `#`, `L`, `W` or `?`; when both day and "
+                             "weekday are restricted, a run needs both to match (cron's usual "
+                             "rule is either)")
     every_seconds: int | None = Field(None, ge=1, le=366 * 86400,
                                       description="instead of `cron`: a run every N seconds")
     base: str = Field(min_length=1, description="the base model: Hub id[@revision] or an "
@@ -191,13 +198,24 @@ def _check_names(expression: str, fields: list[str]) -> None:
     word whose first three letters name a month or a weekday in any field (`* * * mon *` would
     run in January, `0 2 * * marble` on Wednesdays)."""
     for (name, _, _), field in zip(CRON_FIELDS[-len(fields):], fields, strict=True):
-        for word in re.findall(r"[A-Za-z]+", field):
+        words = re.findall(r"[A-Za-z]+", field)
+        for extension in [c for c in "#?" if c in field] + [w.upper() for w in words
+                                                           if w.upper() in {"L", "W", "LW"}]:
+            raise ValueError(f"cron {expression!r}: {name} {field!r}: "
+                             f"{CRON_EXTENSIONS[extension]} is not supported; use "
+                             "numbers, names, ranges, lists and steps")
+        for word in words:
             if name not in CRON_NAMES:
                 raise ValueError(f"cron {expression!r}: {name} {field!r}: names are allowed "
                                  "only in the month (jan-dec) and weekday (sun-sat) fields")
             if word.lower() not in CRON_NAMES[name]:
                 raise ValueError(f"cron {expression!r}: {name} {field!r}: {word!r} is not a "
                                  f"{name} ({'jan-dec' if name == 'month' else 'sun-sat'})")
+
+
+def _weekdays(field: str) -> set[int]:
+    """A weekday field as the days it names, 0-6 from Sunday (7, cron's other Sunday, as 0)."""
+    return {day % 7 for day in crontab_parser(8, 0).parse(field)}
 
 
 def cron_schedule(expression: str) -> crontab | rrule:
@@ -216,14 +234,21 @@ def cron_schedule(expression: str) -> crontab | rrule:
     if len(fields) == 5:
         minute, hour, day_of_month, month_of_year, day_of_week = fields
         try:
+            # as a list in text: redbeat stores the crontab as written, in JSON
+            weekdays = "*" if day_of_week == "*" else ",".join(
+                str(day) for day in sorted(_weekdays(day_of_week)))
+        except Exception as exc:  # ValueError or celery's ParseException
+            raise ValueError(f"cron {expression!r}: weekday {day_of_week!r}: {exc}") from None
+        try:
             return crontab(minute=minute, hour=hour, day_of_month=day_of_month,
-                           month_of_year=month_of_year, day_of_week=day_of_week)
+                           month_of_year=month_of_year, day_of_week=weekdays)
         except Exception as exc:  # celery raises ValueError or its own ParseException
             raise ValueError(f"cron {expression!r}: {exc}") from None
     by: dict[str, list[int] | None] = {}
     for (name, max_, min_), field in zip(CRON_FIELDS, fields, strict=True):
         try:
-            by[name] = None if field == "*" else sorted(crontab_parser(max_, min_).parse(field))
+            by[name] = None if field == "*" else sorted(
+                _weekdays(field) if name == "weekday" else crontab_parser(max_, min_).parse(field))
         except Exception as exc:  # ValueError or celery's ParseException
             raise ValueError(f"cron {expression!r}: {name} {field!r}: {exc}") from None
     # dateutil would look for a date that never comes until the year 9999; 2000 is a leap year
