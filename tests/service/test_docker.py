@@ -95,3 +95,19 @@ def test_dockerfiles_copy_what_exists_and_run_our_commands(image: str) -> None:
     assert "ENV" in dockerfile and "MERGE_SERVICE_DATA_DIR=/data" in dockerfile
     if image == "worker":
         assert re.search(r"^FROM pytorch/pytorch:\S+-cuda\S+", dockerfile, re.M)
+
+
+def test_cpu_override_drops_only_the_gpu_reservation(compose: dict) -> None:
+    """`docker-compose.cpu.yml` resets the worker's `deploy` (compose's `!reset` tag) and
+    nothing else; the worker's queues stay `auto`, so without CUDA it serves `cpu`."""
+
+    class ComposeLoader(yaml.SafeLoader):
+        pass
+
+    ComposeLoader.add_constructor("!reset", lambda loader, node: ("reset", node.value))
+    override = yaml.load((ROOT / "docker-compose.cpu.yml").read_text(), Loader=ComposeLoader)
+    assert override == {"services": {"worker": {"deploy": ("reset", [])}}}  # `!reset {}`
+    assert "deploy" in compose["services"]["worker"]
+    assert env_file(ROOT / "docker/defaults.env")["MERGE_SERVICE_WORKER_QUEUES"] == "auto"
+    readme = (ROOT / "README.md").read_text()
+    assert "-f docker-compose.yml -f docker-compose.cpu.yml" in readme
