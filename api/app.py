@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,20 +15,25 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 
 from api.auth import LocalOnly, parse_api_keys
 from api.dashboard import router as dashboard_router
-from api.errors import ApiError, BadRequest, ErrorBody, ErrorResponse, Invalid
+from api.docs import router as docs_router
+from api.errors import ApiError, BadRequest, ErrorBody, ErrorResponse, Invalid, Unavailable
 from api.metrics import ApiMetrics, MetricsMiddleware
 from api.routes import router
 from api.schedules import router as schedules_router
 from api.service import JobService
+from api.sse import STREAM_SOCKET_TIMEOUT_S
 from merge_service import __version__
 from merge_service.errors import Problem
 from merge_service.settings import Settings
 from workers.celery_app import make_celery
 from workers.jobs import JobStore
+
+log = logging.getLogger("merge_service.api")
 
 DESCRIPTION = """Merge fine-tuned models and LoRA adapters as a service.
 
@@ -52,14 +58,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gc.freeze()
         app.state.async_redis = aioredis.Redis.from_url(settings.redis_url_or_default,
                                                         decode_responses=True)
+        # SSE reads block up to the keepalive interval: their own pool, with a socket timeout
+        # above it (the default 5 s would break every stream quiet for 5 s); requests keep
+        # the short timeout, so a hung Redis is a quick 503
+        app.state.stream_redis = aioredis.Redis.from_url(
+            settings.redis_url_or_default, decode_responses=True,
+            socket_timeout=STREAM_SOCKET_TIMEOUT_S)
         try:
             yield
         finally:
+            await app.state.stream_redis.aclose()
             await app.state.async_redis.aclose()
             store.r.close()
 
     app = FastAPI(title="merge-service", version=__version__, description=DESCRIPTION,
-                  lifespan=lifespan,
+                  lifespan=lifespan, docs_url=None, redoc_url=None,  # /docs: api/docs.py
                   # operation ids are the function names: create_job, list_jobs, ...
                   generate_unique_id_function=lambda route: route.name)
     app.state.settings = settings
@@ -69,9 +82,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(schedules_router)
     app.include_router(dashboard_router)  # the pages at /, and POST /v1/jobs:validate
+    app.include_router(docs_router)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RedisError, _redis_error)
     app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     if not app.state.api_keys:
@@ -88,6 +103,15 @@ def app_from_env() -> FastAPI:
 async def _api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def _redis_error(request: Request, exc: Exception) -> JSONResponse:
+    """Redis down, full or slow: a 503 in the error shape (the error's text, which names the
+    Redis address, stays in the server's log)."""
+    log.warning("%s %s: Redis failed: %r", request.method, request.url.path, exc)
+    return await _api_error(request, Unavailable(
+        f"the job store (Redis) is unavailable ({type(exc).__name__}); try again shortly",
+        headers={"Retry-After": "5"}))
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

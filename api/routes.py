@@ -13,7 +13,7 @@ from api.errors import ERROR_RESPONSES, BadRequest, ErrorResponse, Unavailable
 from api.metrics import CONTENT_TYPE
 from api.models import Health, JobList, MethodInfo, Readiness
 from api.service import JobService
-from api.sse import check_event_id, job_events
+from api.sse import all_events, check_event_id, job_events, latest_event_id
 from merge_service.spec import JobSpec
 from workers.jobs import JOB_ID, JobRecord, JobStatus
 
@@ -24,6 +24,7 @@ JobId = Annotated[str, Path(description="a job id", max_length=64)]
 _404 = {404: {"model": ErrorResponse, "description": "no such job"}}
 _409 = {409: {"model": ErrorResponse, "description": "not possible in the job's state"}}
 _422 = {422: {"model": ErrorResponse, "description": "every problem of the spec"}}
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def service(request: Request) -> JobService:
@@ -79,9 +80,28 @@ def get_job_events(request: Request, job_id: JobId, principal: Reader,
     svc = service(request)
     after = check_event_id(last_event_id)
     svc.get(job_id)  # 404 before the stream starts
-    stream = job_events(request.app.state.async_redis, svc.store, job_id, after)
-    return StreamingResponse(stream, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    stream = job_events(request.app.state.stream_redis, svc.store, job_id, after)
+    return StreamingResponse(stream, media_type="text/event-stream", headers=_SSE_HEADERS)
+
+
+@router.get("/v1/events", tags=["jobs"], response_class=StreamingResponse,
+            summary="Server-Sent Events of every job: creation, state changes and progress",
+            description="The events of `GET /v1/jobs/{job_id}/events` for all jobs on one "
+            "stream, each `data` with its `job_id` (a new job: its `queued` state event). "
+            "Starts after the newest event at the time of the request (or after "
+            "`Last-Event-ID`) and stays open; a `: keepalive` comment comes every 15 s "
+            "without events.",
+            responses={200: {"content": {"text/event-stream": {}},
+                             "description": "`event: state|progress`, `data`: JSON with "
+                                            "`job_id`"}})
+async def get_all_events(request: Request, principal: Reader,
+                         last_event_id: Annotated[str | None, Header()] = None
+                         ) -> StreamingResponse:
+    store = service(request).store
+    after = (check_event_id(last_event_id) if last_event_id
+             else await latest_event_id(request.app.state.async_redis, store))
+    stream = all_events(request.app.state.stream_redis, store, after)
+    return StreamingResponse(stream, media_type="text/event-stream", headers=_SSE_HEADERS)
 
 
 @router.get("/v1/jobs/{job_id}/report", tags=["jobs"], responses={**_404, **_409},

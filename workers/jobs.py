@@ -11,6 +11,8 @@ Keys (prefix `ms:`):
   that they sort lexicographically; ids start with the creation time in hex, so a reverse
   lexicographic range is newest first and a cursor is simply the last id seen.
 - `job:{id}:events`: a stream of `state` and `progress` events (SSE resumes by stream id).
+- `events`: every job's events in one capped stream, each with its `job` id (the jobs list's
+  SSE, `GET /v1/events`).
 - `job:{id}:cancel`, `job:{id}:lock`, `job:{id}:report`: cancel flag; the lock a running
   worker holds and refreshes (its expiry means the worker died); the finished job's
   `merge_report.json`.
@@ -43,6 +45,7 @@ ACTIVE = frozenset({"validating", "running", "pushing"})  # a worker holds the j
 JOB_ID = re.compile(r"^[0-9a-f]{20}$")
 IDEMPOTENCY_TTL_S = 24 * 3600
 EVENTS_MAXLEN = 10_000  # progress is per tensor; the terminal event is always the last one
+ALL_EVENTS_MAXLEN = 10_000  # the list stream: a client further behind refreshes its list
 
 _PUBLIC = ("id", "name", "status", "spec", "progress", "created_at", "started_at",
            "finished_at", "worker", "result", "error", "schedule_id")
@@ -324,9 +327,16 @@ class JobStore:
 
     # events
 
+    def all_events_key(self) -> str:
+        return f"{self.p}events"
+
     def _add_event(self, pipe: Any, job_id: str, kind: str, data: dict[str, Any]) -> None:
-        pipe.xadd(self.events_key(job_id), {"type": kind, "data": json.dumps(data)},
+        text = json.dumps(data)
+        pipe.xadd(self.events_key(job_id), {"type": kind, "data": text},
                   maxlen=EVENTS_MAXLEN, approximate=True)
+        # the same event for the jobs list, in the same pipeline (MULTI where the caller's is)
+        pipe.xadd(self.all_events_key(), {"job": job_id, "type": kind, "data": text},
+                  maxlen=ALL_EVENTS_MAXLEN, approximate=True)
 
     def events(self, job_id: str, after: str = "0-0", count: int = 1000) -> list[JobEvent]:
         entries = self.r.xrange(self.events_key(job_id), min=f"({after}" if after != "0-0"

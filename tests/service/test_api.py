@@ -337,6 +337,7 @@ def test_openapi_documents_every_endpoint(client: TestClient) -> None:
         ("POST", "/v1/jobs"): "create_job", ("GET", "/v1/jobs"): "list_jobs",
         ("GET", "/v1/jobs/{job_id}"): "get_job",
         ("GET", "/v1/jobs/{job_id}/events"): "get_job_events",
+        ("GET", "/v1/events"): "get_all_events",
         ("GET", "/v1/jobs/{job_id}/report"): "get_job_report",
         ("POST", "/v1/jobs/{job_id}/cancel"): "cancel_job",
         ("POST", "/v1/jobs/{job_id}/retry"): "retry_job",
