@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from merge_service.errors import Problem
@@ -25,7 +25,7 @@ class HubOptions:
     """How to reach the Hub. Tokens come from configuration only, never from a spec."""
 
     endpoint: str | None = None
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # never in a log line or traceback
     cache_dir: Path | None = None
     staging_dir: Path | None = None  # outputs for hub:// destinations are written here first
 
