@@ -143,6 +143,12 @@ class JobService:
         if record.status not in TERMINAL:
             raise Conflict(f"job {job_id} is {record.status}; only a finished job can be retried")
         new, _ = self.submit(record.spec, principal, schedule_id=record.schedule_id)
+        if record.schedule_id is not None:
+            from workers.schedules.store import register_retry
+
+            # one of the schedule's open jobs, for the original's run: ticks wait for it, and
+            # its success is recorded as that run's
+            register_retry(self.store, record.schedule_id, job_id, new.id)
         return new
 
     def report(self, job_id: str) -> dict[str, Any]:

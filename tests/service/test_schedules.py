@@ -894,3 +894,205 @@ def test_up_runs_the_scheduler(tmp_path: Path, minilm_dir: Path,
         assert "Acquired lock" in log and "Releasing lock" in log
     finally:
         up.stop()
+
+
+# --- one job at a time, retries, deletes during a tick, the tick lock, pause races -----------
+
+def gpu_template() -> dict[str, Any]:
+    """Jobs that wait in the `gpu` queue, which no worker of these tests consumes: open for
+    as long as a test needs (the preflight runs on the CPU, as for every job)."""
+    return {"method": {"name": "task_arithmetic"}, "output": {"format": "lora"},
+            "options": {"device": "cuda"}}
+
+
+def cancel(env: Env, job_id: str) -> None:
+    response = env.post(f"/v1/jobs/{job_id}/cancel", "admin")
+    assert response.status_code in (200, 202), response.text
+    assert env.wait_job(job_id).status == "cancelled"
+
+
+def test_a_tick_waits_for_the_open_job_of_its_schedule(env: Env, tmp_path: Path) -> None:
+    collection = tmp_path / "adapters"
+    collection.mkdir()
+    copy_adapter(env.adapters["qv"], collection / "qv")
+    copy_adapter(env.adapters["pattern"], collection / "pattern")
+    schedule = create(env, schedule_body(env, "one-at-a-time", {"directory": str(collection)},
+                                         str(tmp_path / "out"), paused=True,
+                                         template=gpu_template()))
+    sid = schedule["id"]
+    first = env.post(f"/v1/schedules/{sid}/run").json()
+    assert first["status"] == "submitted" and first["job_status"] == "queued", first
+
+    # the collection changed while the job is open: no second job to the same destination
+    copy_adapter(env.adapters["rslora"], collection / "rslora")
+    waiting = env.post(f"/v1/schedules/{sid}/run").json()
+    assert waiting["status"] == "skipped" and waiting["job_id"] is None, waiting
+    assert waiting["reason"] == (f"job {first['job_id']} is still queued; the change is "
+                                 "merged after it ends")
+    assert waiting["fingerprint"] != first["fingerprint"]
+    # asked for: a manual run with force submits alongside
+    forced = env.post(f"/v1/schedules/{sid}/run", params={"force": "true"}).json()
+    assert forced["status"] == "submitted" and len(forced["merged"]) == 3, forced
+
+    # both ended: the change is merged
+    cancel(env, first["job_id"])
+    cancel(env, forced["job_id"])
+    after = env.post(f"/v1/schedules/{sid}/run").json()
+    assert after["status"] == "submitted" and sorted(after["merged"]) == [
+        "pattern", "qv", "rslora"], after
+
+    # a retry of the schedule's job is one of its open jobs: the next tick waits for it
+    cancel(env, after["job_id"])
+    retried = env.post(f"/v1/jobs/{after['job_id']}/retry")
+    assert retried.status_code == 202, retried.text
+    retry = retried.json()
+    assert retry["schedule_id"] == sid and retry["status"] == "queued"
+    skipped = env.post(f"/v1/schedules/{sid}/run").json()
+    assert skipped["status"] == "skipped", skipped
+    assert skipped["reason"] == f"job {retry['id']} for the same set is still queued"
+    cancel(env, retry["id"])
+    assert env.client.delete(f"/v1/schedules/{sid}", headers=env.headers()).status_code == 204
+
+
+def test_a_retried_job_success_is_its_runs(env: Env, tmp_path: Path) -> None:
+    from tests.hubstandin.server import hub_error
+
+    collection = tmp_path / "adapters"
+    collection.mkdir()
+    copy_adapter(env.adapters["qv"], collection / "qv")
+    copy_adapter(env.adapters["pattern"], collection / "pattern")
+    schedule = create(env, schedule_body(env, "retried", {"directory": str(collection)},
+                                         f"hub://{HF_USER}/minilm-retried", paused=True))
+    sid = schedule["id"]
+    env.hub.fail_next("_commit_files", hub_error(403, None, "pushes are off for a while"))
+    run = env.post(f"/v1/schedules/{sid}/run").json()
+    assert run["status"] == "submitted", run
+    failed = env.wait_job(run["job_id"])
+    assert failed.status == "failed", failed
+
+    retried = env.post(f"/v1/jobs/{run['job_id']}/retry")
+    assert retried.status_code == 202, retried.text
+    job = env.wait_job(retried.json()["id"])
+    assert job.status == "succeeded", job.error
+    # the retry's success is the run's: the next tick skips the set it merged
+    again = env.post(f"/v1/schedules/{sid}/run").json()
+    assert again["status"] == "skipped", again
+    assert again["reason"] == ("unchanged since the last successful run "
+                               f"(run {run['id']}, job {job.id})")
+    assert env.client.delete(f"/v1/schedules/{sid}", headers=env.headers()).status_code == 204
+
+
+def schedule_keys(env: Env, sid: str) -> list[str]:
+    return sorted(env.store.r.scan_iter(match=f"ms:schedule:{sid}*")) + sorted(
+        k for k in env.store.r.scan_iter(match="ms:redbeat:*") if sid in k)
+
+
+def test_deleted_during_a_tick_nothing_is_submitted_or_left(env: Env, tmp_path: Path) -> None:
+    collection = tmp_path / "adapters"
+    collection.mkdir()
+    copy_adapter(env.adapters["qv"], collection / "qv")
+    copy_adapter(env.adapters["pattern"], collection / "pattern")
+    schedule = create(env, schedule_body(env, "deleted-mid-tick",
+                                         {"directory": str(collection)},
+                                         str(tmp_path / "out"), template=gpu_template()))
+    sid = schedule["id"]
+    env.post(f"/v1/schedules/{sid}/pause")
+    ticker = env.client.app.state.schedules.ticker  # type: ignore[attr-defined]
+    store = ticker.schedules
+    read = store.get(sid)  # a tick read the schedule, then it was deleted
+    assert env.client.delete(f"/v1/schedules/{sid}", headers=env.headers()).status_code == 204
+    queued = env.store.counts()["queued"]
+    draft = ticker._draft(read, "manual")
+    assert ticker._run(read, draft, False) is None  # seen deleted before the job
+    assert env.store.counts()["queued"] == queued
+    # what a tick records when it gets there after the delete: nothing
+    late = draft.done("skipped", "a late tick")
+    assert store.add_run(late) is None
+    assert not store.add_open(sid, "0" * 20, draft.id, "f" * 64)
+    assert store.set_paused(sid, False) is None
+    assert schedule_keys(env, sid) == []
+
+
+def test_the_tick_lock_is_short_and_renewed_while_the_tick_runs(env: Env, tmp_path: Path
+                                                                ) -> None:
+    from workers.schedules.store import TICK_LOCK_S
+
+    collection = tmp_path / "adapters"
+    collection.mkdir()
+    schedule = create(env, schedule_body(env, "lock", {"directory": str(collection)},
+                                         str(tmp_path / "out"), paused=True))
+    sid = schedule["id"]
+    key = f"ms:schedule:{sid}:tick"
+    # what a scheduler killed mid-tick leaves: a lock that expires within a minute
+    token = env.schedules.acquire_tick(sid)
+    assert token is not None and 0 < env.store.r.ttl(key) <= 60 and TICK_LOCK_S <= 60
+    env.schedules.release_tick(sid, token)
+    # held by a running tick: renewed past its expiry, released at the end
+    lock = env.schedules.hold_tick(sid, ttl_s=1.0, renew_s=0.2)
+    assert lock is not None and env.schedules.hold_tick(sid) is None
+    with lock:
+        time.sleep(2.5)
+        assert env.store.r.get(key) == lock.token and env.store.r.pttl(key) > 0
+        assert env.post(f"/v1/schedules/{sid}/run").status_code == 409
+    assert env.store.r.exists(key) == 0
+    assert env.post(f"/v1/schedules/{sid}/run").json()["status"] == "skipped"
+    # not renewed (its scheduler gone): it expires
+    assert env.schedules.acquire_tick(sid, ttl_s=0.5) is not None
+    wait_for(lambda: env.store.r.exists(key) == 0, timeout=5, what="the lock's expiry")
+    assert env.client.delete(f"/v1/schedules/{sid}", headers=env.headers()).status_code == 204
+
+
+def test_an_unexpected_error_in_a_tick_is_a_failed_run(env: Env, tmp_path: Path) -> None:
+    collection = tmp_path / "adapters"
+    while len(str(collection)) < 3800:
+        collection /= "d" * 200
+    collection.mkdir(parents=True)
+    # a subdirectory whose adapter_config.json has a path longer than PATH_MAX: looking for it
+    # raises OSError (ENAMETOOLONG), which `Path.is_file` does not take for "no such file"
+    entry = collection / ("e" * min(255, 4095 - len(str(collection)) - 1))
+    entry.mkdir()
+    schedule = create(env, schedule_body(env, "unexpected", {"directory": str(collection)},
+                                         str(tmp_path / "out"), paused=True))
+    sid = schedule["id"]
+    response = env.post(f"/v1/schedules/{sid}/run")
+    assert response.status_code == 200, response.text
+    run = response.json()
+    assert run["status"] == "failed" and run["job_id"] is None, run
+    assert run["reason"].startswith("the tick failed: OSError: [Errno 36] File name too long")
+    assert "Traceback" not in run["reason"] and len(run["reason"]) < 400
+    assert env.runs(sid)[0]["id"] == run["id"]
+    assert env.client.delete(f"/v1/schedules/{sid}", headers=env.headers()).status_code == 204
+
+
+def test_pause_and_resume_at_once_leave_the_entry_as_the_record_says(env: Env, tmp_path: Path
+                                                                     ) -> None:
+    import threading
+
+    collection = tmp_path / "adapters"
+    collection.mkdir()
+    schedule = create(env, schedule_body(env, "racy", {"directory": str(collection)},
+                                         str(tmp_path / "out"), every_seconds=3600))
+    sid = schedule["id"]
+    # two API processes, each with its own connections
+    stores = [ScheduleStore(JobStore.from_url(env.env["MERGE_SERVICE_REDIS_URL"]),
+                            env.schedules.beat_app) for _ in range(2)]
+    wrong = []
+    for _ in range(40):
+        barrier = threading.Barrier(2)
+
+        def flip(store: ScheduleStore, paused: bool, barrier: threading.Barrier) -> None:
+            barrier.wait()
+            store.set_paused(sid, paused)
+
+        threads = [threading.Thread(target=flip, args=(store, paused, barrier))
+                   for store, paused in zip(stores, (True, False), strict=True)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        paused = env.schedules.get(sid).paused  # type: ignore[union-attr]
+        if env.schedules.entry_exists(sid) == paused:
+            wrong.append(paused)
+    assert wrong == []
+    assert env.client.delete(f"/v1/schedules/{sid}", headers=env.headers()).status_code == 204
+    assert schedule_keys(env, sid) == []

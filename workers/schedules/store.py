@@ -5,12 +5,18 @@ Keys (prefix `ms:`, the job store's):
 - `schedule:{id}`: a hash: `record` (the schedule as JSON), `created_by` (the key's
   fingerprint, never returned); `schedules`: the ids, sorted (ids start with the creation time).
 - `schedule:{id}:runs`: the run records, newest first, the last `RUNS_KEPT`.
-- `schedule:{id}:open`: jobs submitted by the schedule that had not ended when last looked at
-  (job id -> run id and fingerprint); `schedule:{id}:last_success`: the fingerprint, run and
-  job of the latest run whose job succeeded.
-- `schedule:{id}:tick`: held while a tick of the schedule runs; `schedule:{id}:fired:{slot}`:
-  claimed by the scheduler that fires a tick (a second scheduler that fires the same one, in a
-  lock hand-over, finds it claimed).
+- `schedule:{id}:open`: jobs submitted by the schedule (or retried from one of its jobs) that
+  had not ended when last looked at (job id -> run id and fingerprint);
+  `schedule:{id}:last_success`: the fingerprint, run and job of the latest run whose job
+  succeeded; `schedule:{id}:retried`: each retry of a schedule's job -> the run it repeats.
+- `schedule:{id}:tick`: held while a tick of the schedule runs (`TICK_LOCK_S`, renewed every
+  `TICK_RENEW_S` while the tick runs: a scheduler killed mid-tick holds it a minute at most);
+  `schedule:{id}:fired:{slot}`: claimed by the scheduler that fires a tick (a second scheduler
+  that fires the same one, in a lock hand-over, finds it claimed).
+
+Everything a tick writes (its run, its open job, the last success) is written only while
+`schedule:{id}` exists, in one Redis script, so that a tick that overlaps a delete leaves no key
+behind; `delete` removes every key above.
 - `redbeat:{id}`, `redbeat::schedule`, `redbeat::lock`: celery-redbeat's entry of each active
   (not paused) schedule, its due times, and the lock that lets one scheduler fire at a time.
 """
@@ -18,11 +24,15 @@ Keys (prefix `ms:`, the job store's):
 from __future__ import annotations
 
 import json
+import logging
 import secrets
+import threading
 from datetime import timedelta
+from types import TracebackType
 from typing import Any
 
 from celery import Celery
+from redis.exceptions import WatchError
 
 from merge_service.settings import Settings
 from workers.celery_app import make_celery
@@ -37,10 +47,22 @@ from workers.schedules.models import (
 
 TICK_TASK = "merge_service.schedule_tick"  # the name of beat entries (run by the scheduler)
 RUNS_KEPT = 500
-TICK_LOCK_S = 3600  # a tick resolves a collection and preflights a job: minutes at most
+TICK_LOCK_S = 60  # renewed while the tick runs; what a scheduler killed mid-tick leaves
+TICK_RENEW_S = TICK_LOCK_S / 3
 BEAT_MAX_INTERVAL_S = 1.0  # the scheduler looks at Redis this often: seconds-level schedules
 BEAT_LOCK_TIMEOUT_S = 15  # a scheduler that stopped is replaced after this long
 SLOT_CLAIM_S = 20 * BEAT_LOCK_TIMEOUT_S
+PARTS = ("", "runs", "open", "last_success", "retried", "tick")  # a schedule's keys
+log = logging.getLogger("merge_service.scheduler")
+
+# KEYS[1] the schedule's record; the rest of KEYS and ARGV as each script says
+_IF_SCHEDULE = "if redis.call('exists', KEYS[1]) == 0 then return 0 end "
+_ADD_RUN = _IF_SCHEDULE + ("redis.call('lpush', KEYS[2], ARGV[1]) "
+                           "redis.call('ltrim', KEYS[2], 0, tonumber(ARGV[2]) - 1) return 1")
+_SET_FIELD = _IF_SCHEDULE + "redis.call('hset', KEYS[2], ARGV[1], ARGV[2]) return 1"
+_SET = _IF_SCHEDULE + "redis.call('set', KEYS[2], ARGV[1]) return 1"
+_ADD_RETRY = _IF_SCHEDULE + ("redis.call('hset', KEYS[2], ARGV[1], ARGV[2]) "
+                             "redis.call('hset', KEYS[3], ARGV[1], ARGV[2]) return 1")
 
 
 def make_beat_app(settings: Settings, redis_retry_s: float | None = None) -> Celery:
@@ -80,6 +102,72 @@ def beat_schedule(schedule: ScheduleCreate) -> Any:
     return cron_schedule(schedule.cron)
 
 
+def schedule_key(jobs: JobStore, schedule_id: str, part: str = "") -> str:
+    return f"{jobs.p}schedule:{schedule_id}{':' + part if part else ''}"
+
+
+def register_retry(jobs: JobStore, schedule_id: str, original_job_id: str, retry_job_id: str
+                   ) -> bool:
+    """A retry of a schedule's job is one of the schedule's open jobs, for the run its original
+    came from (that run's fingerprint): a tick waits for it, and its success is the run's.
+    False when the schedule is gone or the original's run is not known (any more)."""
+    key = schedule_key(jobs, schedule_id, "")
+    origin = _job_origin(jobs, schedule_id, original_job_id)
+    if origin is None or not jobs.r.exists(key):
+        return False
+    return bool(jobs.r.eval(_ADD_RETRY, 3, key, schedule_key(jobs, schedule_id, "open"),
+                            schedule_key(jobs, schedule_id, "retried"), retry_job_id,
+                            json.dumps(origin)))
+
+
+def _job_origin(jobs: JobStore, schedule_id: str, job_id: str) -> dict[str, Any] | None:
+    """The run (`run_id`, `fingerprint`) a job of the schedule was submitted for."""
+    for part in ("open", "retried"):
+        raw = jobs.r.hget(schedule_key(jobs, schedule_id, part), job_id)
+        if raw:
+            return json.loads(raw)  # type: ignore[no-any-return]
+    for raw in jobs.r.lrange(schedule_key(jobs, schedule_id, "runs"), 0, -1):
+        run = json.loads(raw)
+        if run.get("job_id") == job_id and run.get("fingerprint"):
+            return {"run_id": run["id"], "fingerprint": run["fingerprint"]}
+    return None
+
+
+class TickLock:
+    """`schedule:{id}:tick`, held by one tick: it expires after `ttl_s` unless renewed, and a
+    thread renews it every `renew_s` until the tick ends (a scheduler killed mid-tick leaves it
+    for `ttl_s` at most, not for the longest tick there could be)."""
+
+    def __init__(self, store: ScheduleStore, schedule_id: str, token: str, ttl_s: float,
+                 renew_s: float) -> None:
+        self.store, self.schedule_id, self.token = store, schedule_id, token
+        self.ttl_s, self.renew_s = ttl_s, renew_s
+        self._ended = threading.Event()
+        self._thread = threading.Thread(target=self._renew, daemon=True,
+                                        name=f"tick-lock-{schedule_id}")
+
+    def __enter__(self) -> TickLock:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self._ended.set()
+        self._thread.join()
+        self.store.release_tick(self.schedule_id, self.token)
+
+    def _renew(self) -> None:
+        while not self._ended.wait(self.renew_s):
+            try:
+                if not self.store.renew_tick(self.schedule_id, self.token, self.ttl_s):
+                    log.warning("schedule %s: the tick lock was lost (expired or deleted)",
+                                self.schedule_id)
+                    return
+            except Exception:  # Redis away: the tick itself fails on it; try again
+                log.warning("schedule %s: cannot renew the tick lock", self.schedule_id,
+                            exc_info=True)
+
+
 class ScheduleStore:
     def __init__(self, jobs: JobStore, beat_app: Celery) -> None:
         self.jobs, self.r, self.p = jobs, jobs.r, jobs.p
@@ -87,6 +175,12 @@ class ScheduleStore:
         self._release = self.r.register_script(
             "if redis.call('get', KEYS[1]) == ARGV[1] then "
             "return redis.call('del', KEYS[1]) else return 0 end")
+        self._renew = self.r.register_script(
+            "if redis.call('get', KEYS[1]) == ARGV[1] then "
+            "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end")
+        self._add_run = self.r.register_script(_ADD_RUN)
+        self._set_field = self.r.register_script(_SET_FIELD)
+        self._set = self.r.register_script(_SET)
 
     @classmethod
     def from_settings(cls, settings: Settings, jobs: JobStore | None = None) -> ScheduleStore:
@@ -94,7 +188,10 @@ class ScheduleStore:
                    make_beat_app(settings))
 
     def _key(self, schedule_id: str, part: str = "") -> str:
-        return f"{self.p}schedule:{schedule_id}{':' + part if part else ''}"
+        return schedule_key(self.jobs, schedule_id, part)
+
+    def exists(self, schedule_id: str) -> bool:
+        return bool(SCHEDULE_ID.match(schedule_id)) and bool(self.r.exists(self._key(schedule_id)))
 
     # schedules
 
@@ -129,17 +226,45 @@ class ScheduleStore:
         return [s for s in (self.get(i) for i in ids) if s is not None]
 
     def set_paused(self, schedule_id: str, paused: bool) -> Schedule | None:
-        schedule = self.get(schedule_id)
-        if schedule is None:
+        """The record written if it still exists (WATCH: not over a delete or another change),
+        then the beat entry made to agree with the record as it is now, again until it did not
+        change meanwhile: whatever pauses and resumes overlap, the last record written wins and
+        the entry exists iff it is not paused."""
+        if not SCHEDULE_ID.match(schedule_id):
             return None
-        schedule = schedule.model_copy(update={"paused": paused})
-        self.r.hset(self._key(schedule_id), "record",
-                    schedule.model_dump_json(exclude={"last_run"}))
-        if paused:
-            self.remove_entry(schedule_id)
-        else:
-            self._save_entry(schedule)
-        return schedule
+        key = self._key(schedule_id)
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.hget(key, "record")
+                    if raw is None:
+                        return None
+                    schedule = Schedule.model_validate_json(raw).model_copy(
+                        update={"paused": paused})
+                    pipe.multi()
+                    pipe.hset(key, "record", schedule.model_dump_json(exclude={"last_run"}))
+                    pipe.execute()
+                    break
+                except WatchError:
+                    continue
+        self.reconcile_entry(schedule_id)
+        return self.get(schedule_id)
+
+    def reconcile_entry(self, schedule_id: str) -> None:
+        """The beat entry exists iff the schedule exists and is not paused, as the record reads
+        after the entry was written."""
+        acted_on: str | None = "unread"
+        while True:
+            raw = self.r.hget(self._key(schedule_id), "record")
+            if raw == acted_on:
+                return
+            schedule = Schedule.model_validate_json(raw) if raw is not None else None
+            if schedule is None or schedule.paused:
+                self.remove_entry(schedule_id)
+            elif acted_on == "unread" or not self.entry_exists(schedule_id):
+                self._save_entry(schedule)  # resume: the first run one period from now
+            acted_on = raw
 
     def delete(self, schedule_id: str) -> bool:
         if not SCHEDULE_ID.match(schedule_id):
@@ -147,9 +272,13 @@ class ScheduleStore:
         self.remove_entry(schedule_id)
         pipe = self.r.pipeline()
         pipe.zrem(f"{self.p}schedules", schedule_id)
-        for part in ("", "runs", "open", "last_success"):
+        for part in PARTS:
             pipe.delete(self._key(schedule_id, part))
         removed = pipe.execute()
+        # a set_paused that overlapped may have saved the entry after it was removed above
+        self.reconcile_entry(schedule_id)
+        for key in self.r.scan_iter(match=self._key(schedule_id, "fired:*"), count=1000):
+            self.r.delete(key)
         return bool(removed[0])
 
     # beat entries
@@ -174,12 +303,12 @@ class ScheduleStore:
 
     # runs
 
-    def add_run(self, run: ScheduleRun) -> ScheduleRun:
-        pipe = self.r.pipeline()
-        pipe.lpush(self._key(run.schedule_id, "runs"), run.model_dump_json(exclude={"job_status"}))
-        pipe.ltrim(self._key(run.schedule_id, "runs"), 0, RUNS_KEPT - 1)
-        pipe.execute()
-        return run
+    def add_run(self, run: ScheduleRun) -> ScheduleRun | None:
+        """Recorded, or None when the schedule is gone."""
+        added = self._add_run(keys=[self._key(run.schedule_id), self._key(run.schedule_id,
+                                                                          "runs")],
+                              args=[run.model_dump_json(exclude={"job_status"}), RUNS_KEPT])
+        return run if added else None
 
     def runs(self, schedule_id: str, limit: int = 50) -> list[ScheduleRun]:
         """Newest first, each with its job's current status."""
@@ -195,10 +324,20 @@ class ScheduleStore:
 
     # what ticks need
 
-    def acquire_tick(self, schedule_id: str) -> str | None:
+    def acquire_tick(self, schedule_id: str, ttl_s: float = TICK_LOCK_S) -> str | None:
         token = secrets.token_hex(8)
         return token if self.r.set(self._key(schedule_id, "tick"), token, nx=True,
-                                   ex=TICK_LOCK_S) else None
+                                   px=int(ttl_s * 1000)) else None
+
+    def hold_tick(self, schedule_id: str, ttl_s: float = TICK_LOCK_S,
+                  renew_s: float = TICK_RENEW_S) -> TickLock | None:
+        """The tick lock, renewed while held (`with`), or None when another tick holds it."""
+        token = self.acquire_tick(schedule_id, ttl_s)
+        return None if token is None else TickLock(self, schedule_id, token, ttl_s, renew_s)
+
+    def renew_tick(self, schedule_id: str, token: str, ttl_s: float = TICK_LOCK_S) -> bool:
+        return bool(self._renew(keys=[self._key(schedule_id, "tick")],
+                                args=[token, int(ttl_s * 1000)]))
 
     def release_tick(self, schedule_id: str, token: str) -> None:
         self._release(keys=[self._key(schedule_id, "tick")], args=[token])
@@ -210,9 +349,11 @@ class ScheduleStore:
         return bool(self.r.set(self._key(schedule_id, f"fired:{slot}"), "1", nx=True,
                                ex=SLOT_CLAIM_S))
 
-    def add_open(self, schedule_id: str, job_id: str, run_id: str, fingerprint: str) -> None:
-        self.r.hset(self._key(schedule_id, "open"), job_id,
-                    json.dumps({"run_id": run_id, "fingerprint": fingerprint}))
+    def add_open(self, schedule_id: str, job_id: str, run_id: str, fingerprint: str) -> bool:
+        """False when the schedule is gone."""
+        return bool(self._set_field(
+            keys=[self._key(schedule_id), self._key(schedule_id, "open")],
+            args=[job_id, json.dumps({"run_id": run_id, "fingerprint": fingerprint})]))
 
     def settle(self, schedule_id: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
         """Look at the jobs not yet seen ending: record the newest success, forget the ended.
@@ -229,7 +370,8 @@ class ScheduleStore:
             if status == "succeeded" and (last_success is None
                                           or job_id > last_success["job_id"]):
                 last_success = {**entries[job_id], "job_id": job_id}
-                self.r.set(success_key, json.dumps(last_success))
+                self._set(keys=[self._key(schedule_id), success_key],
+                          args=[json.dumps(last_success)])
             if status is None or status in {"succeeded", "failed", "cancelled"}:
                 self.r.hdel(open_key, job_id)
             else:

@@ -2,6 +2,12 @@
 commit), skip when nothing changed since the last successful run, else submit a job pinned to
 the resolved revisions.
 
+While a job of the schedule has not ended (queued, validating, running, pushing; a retry of
+one of its jobs included), a tick submits nothing and records a skip naming that job: the jobs
+of a schedule push to one destination, and a second job that ended first would be overwritten
+by the first, which the schedule would not know. A manual run with `force` submits anyway (the
+two jobs then end in either order; the last success recorded is the newer job's).
+
 Submitting goes through `JobService.submit`, the API's own path (the same preflight, store and
 queue), with the schedule's id on the job. Adapters that fail preflight (trained on another
 base, DoRA, unreadable) are left out and listed in the run; the job merges the others, unless
@@ -17,9 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from redis.exceptions import RedisError
+
 from merge_service.settings import Settings
 from merge_service.spec import JobSpec, ModelEntry, OutputSpec
-from workers.jobs import new_job_id, now
+from workers.jobs import new_job_id, now, timestamp
 from workers.schedules.collections import (
     CollectionError,
     ResolvedCollection,
@@ -58,8 +66,8 @@ class Ticker:
         """Run one tick and record it. None when there is nothing to record (the schedule was
         deleted, or paused before a scheduled tick ran). Raises `TickInProgress` for a manual
         tick while another one runs."""
-        token = self.schedules.acquire_tick(schedule_id)
-        if token is None:
+        lock = self.schedules.hold_tick(schedule_id)
+        if lock is None:
             if trigger == "manual":
                 raise TickInProgress(schedule_id)
             schedule = self.schedules.get(schedule_id)
@@ -67,19 +75,27 @@ class Ticker:
                 return None
             return self.schedules.add_run(self._draft(schedule, trigger).done(
                 "skipped", "the previous tick of this schedule is still running"))
-        try:
+        with lock:
             schedule = self.schedules.get(schedule_id)
             if schedule is None:
                 self.schedules.remove_entry(schedule_id)  # a beat entry left by a race
                 return None
             if schedule.paused and trigger == "schedule":
                 return None
-            run = self._run(schedule, self._draft(schedule, trigger), force)
+            draft = self._draft(schedule, trigger)
+            try:
+                run = self._run(schedule, draft, force)
+            except RedisError:  # nowhere to record it: the scheduler logs it
+                raise
+            except Exception as exc:
+                log.exception("schedule %s (%s): the tick failed", schedule.id, schedule.name)
+                run = draft.done("failed", f"the tick failed: {_describe(exc)}")
+            if run is None or self.schedules.add_run(run) is None:
+                log.info("schedule %s: deleted during its tick; nothing recorded", schedule.id)
+                return None
             log.info("schedule %s (%s): %s%s", schedule.id, schedule.name, run.status,
                      f" job {run.job_id}" if run.job_id else f": {run.reason}")
-            return self.schedules.add_run(run)
-        finally:
-            self.schedules.release_tick(schedule_id, token)
+            return run
 
     def _prune(self) -> None:
         """At most once an hour per process: old snapshots of local adapters."""
@@ -93,7 +109,7 @@ class Ticker:
         return _Draft(id=new_job_id(), schedule_id=schedule.id, trigger=trigger,
                       started_at=now())
 
-    def _run(self, schedule: Schedule, draft: _Draft, force: bool) -> ScheduleRun:
+    def _run(self, schedule: Schedule, draft: _Draft, force: bool) -> ScheduleRun | None:
         self._prune()
         try:
             found = resolve_collection(schedule.collection, schedule.base, self.settings.hub,
@@ -111,10 +127,16 @@ class Ticker:
             if pending:
                 return draft.done("skipped", f"job {pending[-1]['job_id']} for the same set is "
                                   f"still {pending[-1]['status']}")
+            if still_open:  # one destination: a second job could end first and be overwritten
+                job = still_open[-1]
+                return draft.done("skipped", f"job {job['job_id']} is still {job['status']}; "
+                                  "the change is merged after it ends")
         return self._submit(schedule, draft, found)
 
     def _submit(self, schedule: Schedule, draft: _Draft, found: ResolvedCollection
-                ) -> ScheduleRun:
+                ) -> ScheduleRun | None:
+        """The run with the job submitted, or None when the schedule was deleted meanwhile (no
+        job is left queued for it)."""
         from api.auth import Principal
         from api.errors import ApiError, Invalid
 
@@ -132,6 +154,8 @@ class Ticker:
                                   + (f" ({left_out} left out)" if left_out else "")
                                   + "; a merge needs at least 2")
             spec = job_spec(schedule, found.base, candidates, destination)
+            if not self.schedules.exists(schedule.id):
+                return None
             try:
                 record, _ = self.jobs.submit(spec, principal, schedule_id=schedule.id)
             except Invalid as exc:
@@ -150,9 +174,22 @@ class Ticker:
                 continue
             except ApiError as exc:
                 return draft.done("failed", exc.message)
-            self.schedules.add_open(schedule.id, record.id, draft.id, found.fingerprint)
+            if not self.schedules.add_open(schedule.id, record.id, draft.id, found.fingerprint):
+                # deleted between the check above and now: the job is nobody's
+                self.jobs.store.request_cancel(record.id)
+                self.jobs.store.transition(record.id, "cancelled", {"queued"},
+                                           finished_at=timestamp())
+                return None
             draft.merged = [a.name for a in candidates]
             return draft.done("submitted", None, job_id=record.id)
+
+
+def _describe(exc: BaseException) -> str:
+    """`Type: message`, the message's first line, cut short (the traceback is in the log)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if len(text) > 300:
+        text = text[:300] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def job_spec(schedule: Schedule, base: str, adapters: list[PinnedAdapter], destination: str
