@@ -82,7 +82,8 @@ class JobService:
         as_cpu = spec.model_copy(update={"options": spec.options.model_copy(
             update={"device": "cpu"})})
         try:
-            prepared = prepare(as_cpu, hub=self.settings.hub)
+            # Hub weights stay on the Hub until a worker runs the job: headers suffice here
+            prepared = prepare(as_cpu, hub=self.settings.hub, weights=False)
         except InvalidInputError as exc:
             raise Invalid(f"the spec has {len(exc.problems)} problem(s)", exc.problems,
                           type=type(exc).__name__) from None

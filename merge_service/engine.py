@@ -109,9 +109,11 @@ class PreparedMerge:
 
 
 def prepare(spec: JobSpec, *, overwrite: bool = False, hub: HubOptions | None = None,
-            progress: ProgressCallback | None = None) -> PreparedMerge:
+            progress: ProgressCallback | None = None, weights: bool = True) -> PreparedMerge:
     """Resolve every source and run every preflight check; raise `PreflightError` with all
-    problems found. Reads only headers and configs."""
+    problems found. Reads only headers and configs. `weights=False`: a check and no merge to
+    follow here, so Hub sources are fetched as their safetensors headers only
+    (`resolve_source`); the result then only tells the problems and the pinned spec."""
     hub = hub or HubOptions()
     report = progress or (lambda _p: None)
     started = time.perf_counter()
@@ -137,7 +139,7 @@ def prepare(spec: JobSpec, *, overwrite: bool = False, hub: HubOptions | None = 
     resolved: list[ResolvedSource | None] = []
     for i, (source, label) in enumerate(zip(sources, labels, strict=True)):
         report(Progress("resolving", i, len(sources), source))
-        found, source_problems = resolve_source(source, label, hub)
+        found, source_problems = resolve_source(source, label, hub, weights=weights)
         resolved.append(found)
         problems += source_problems
     report(Progress("resolving", len(sources), len(sources), None))

@@ -47,4 +47,5 @@ class Settings(BaseSettings):
             token=self.hf_token.get_secret_value() if self.hf_token else None,
             cache_dir=self.data_dir / "hub-cache",
             staging_dir=self.data_dir / "staging",
+            headers_dir=self.data_dir / "preflight-headers",
         )

@@ -2,13 +2,24 @@
 
 `org/name[@revision]` is a Hub repo: its revision is resolved to a commit sha and only the
 files a merge needs are fetched. Anything that looks like a path is a local directory.
+
+Preflight alone (the API checking a job it is about to queue) needs no weights: with
+`weights=False` a Hub repo's safetensors files are read up to the end of their headers (HTTP
+range requests) and stood in for by sparse files of the same size holding just the header
+(`HubOptions.headers_dir`), beside its small files (configs, tokenizer, index) from the Hub
+cache. Every check preflight makes (names, dtypes, shapes, offsets, a truncated file) sees
+what it would see in the real files; the worker downloads the weights when it runs the job.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import os
 import re
+import struct
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +29,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(@[\w./-]+)?$")
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx",
                    ".gguf", ".ot"}
 METADATA_SUFFIXES = {".json", ".txt", ".model", ".jinja"}
+_FIRST_READ = 1 << 16  # a safetensors header of a few hundred tensors fits in one request
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit
 
 
 @dataclass(frozen=True)
@@ -28,6 +41,7 @@ class HubOptions:
     token: str | None = field(default=None, repr=False)  # never in a log line or traceback
     cache_dir: Path | None = None
     staging_dir: Path | None = None  # outputs for hub:// destinations are written here first
+    headers_dir: Path | None = None  # header-only stand-ins of Hub weights, for preflight
 
 
 @dataclass(frozen=True)
@@ -49,8 +63,10 @@ def looks_local(source: str) -> bool:
     return Path(source).expanduser().exists() or not _HUB_ID.match(source)
 
 
-def resolve_source(source: str, label: str, hub: HubOptions) -> tuple[ResolvedSource | None,
-                                                                        list[Problem]]:
+def resolve_source(source: str, label: str, hub: HubOptions, *, weights: bool = True
+                   ) -> tuple[ResolvedSource | None, list[Problem]]:
+    """`weights=False` (with `hub.headers_dir` set): a Hub repo's safetensors files as their
+    headers only, enough for preflight and no more."""
     if looks_local(source):
         path = Path(source).expanduser().resolve()
         if not path.is_dir():
@@ -59,11 +75,13 @@ def resolve_source(source: str, label: str, hub: HubOptions) -> tuple[ResolvedSo
             return None, [Problem(f"local source {path} {what}", model=label)]
         return ResolvedSource(source, path), []
     repo_id, _, revision = source.partition("@")
-    return _resolve_hub(source, repo_id, revision or None, label, hub)
+    return _resolve_hub(source, repo_id, revision or None, label, hub,
+                        headers_only=not weights and hub.headers_dir is not None)
 
 
 def _resolve_hub(source: str, repo_id: str, revision: str | None, label: str,
-                 hub: HubOptions) -> tuple[ResolvedSource | None, list[Problem]]:
+                 hub: HubOptions, *, headers_only: bool
+                 ) -> tuple[ResolvedSource | None, list[Problem]]:
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -74,7 +92,7 @@ def _resolve_hub(source: str, repo_id: str, revision: str | None, label: str,
 
     api = HfApi(endpoint=hub.endpoint, token=hub.token)
     try:
-        info = api.model_info(repo_id, revision=revision)
+        info = api.model_info(repo_id, revision=revision, files_metadata=headers_only)
         files = [s.rfilename for s in info.siblings or []]
         sha = info.sha
         needed = _needed_files(files)
@@ -89,8 +107,13 @@ def _resolve_hub(source: str, repo_id: str, revision: str | None, label: str,
             return None, [Problem(f"Hub repo {repo_id} has no safetensors weights "
                                   "(model.safetensors, its index, or adapter_model.safetensors)",
                                   model=label)]
-        path = snapshot_download(repo_id, revision=sha, allow_patterns=sorted(needed),
-                                 cache_dir=hub.cache_dir, token=hub.token, endpoint=hub.endpoint)
+        if headers_only:
+            sizes = {s.rfilename: s.size for s in info.siblings or []}
+            path = _header_copy(repo_id, sha, needed, sizes, hub)
+        else:
+            path = snapshot_download(repo_id, revision=sha, allow_patterns=sorted(needed),
+                                     cache_dir=hub.cache_dir, token=hub.token,
+                                     endpoint=hub.endpoint)
     except GatedRepoError:  # before RepositoryNotFoundError: it is a subclass of it
         return None, [Problem(f"Hub repo {repo_id} is gated: configure a token with access",
                               model=label)]
@@ -107,6 +130,70 @@ def _resolve_hub(source: str, repo_id: str, revision: str | None, label: str,
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return None, [Problem(f"cannot fetch Hub repo {repo_id}: {reason}", model=label)]
     return ResolvedSource(source, Path(path), repo_id=repo_id, revision=sha), []
+
+
+def _header_copy(repo_id: str, sha: str, needed: set[str], sizes: dict[str, int | None],
+                 hub: HubOptions) -> Path:
+    """`headers_dir/REPO/SHA`: the small files of `needed` (links into the Hub cache) and each
+    of its safetensors files as a sparse file of the real size holding only the header. Made
+    once per commit (a commit never changes); each stub is written beside and renamed."""
+    from huggingface_hub import snapshot_download
+
+    assert hub.headers_dir is not None
+    weights = {f for f in needed if f.endswith(".safetensors")}
+    small = sorted(needed - weights)
+    target = hub.headers_dir / repo_id / sha
+    if small:
+        cached = Path(snapshot_download(repo_id, revision=sha, allow_patterns=small,
+                                        cache_dir=hub.cache_dir, token=hub.token,
+                                        endpoint=hub.endpoint))
+        for name in small:
+            link = target / name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.is_symlink():
+                with contextlib.suppress(FileExistsError):  # a concurrent preflight made it
+                    link.symlink_to(cached / name)
+    for name in sorted(weights):
+        stub, size = target / name, sizes.get(name)
+        if stub.is_file() and size is not None and stub.stat().st_size == size:
+            continue
+        header = _fetch_header(repo_id, sha, name, hub)
+        stub.parent.mkdir(parents=True, exist_ok=True)
+        partial = stub.parent / f".{stub.name}.{uuid.uuid4().hex[:8]}"
+        with partial.open("wb") as f:
+            f.write(header)
+            f.truncate(size if size is not None else len(header))  # a hole: no disk used
+        os.replace(partial, stub)
+    return target
+
+
+def _fetch_header(repo_id: str, sha: str, filename: str, hub: HubOptions) -> bytes:
+    """The first 8 + N bytes of a safetensors file on the Hub (N, its header length, is the
+    first 8 bytes): one range request, a second one for a header longer than the first read.
+    Fewer bytes come back only from a short or corrupt file, which preflight then reports."""
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    url = hf_hub_url(repo_id, filename, revision=sha, endpoint=hub.endpoint)
+    headers = build_hf_headers(token=hub.token)
+
+    def read(start: int, end: int) -> bytes:
+        response = get_session().get(url, headers={**headers, "Range": f"bytes={start}-{end}"},
+                                     timeout=60)
+        hf_raise_for_status(response)
+        # a server that ignores Range sends the whole file from byte 0
+        return response.content[start:end + 1] if response.status_code == 200 \
+            else response.content
+
+    content = read(0, _FIRST_READ - 1)
+    if len(content) < 8:
+        return content
+    (length,) = struct.unpack("<Q", content[:8])
+    if length > _MAX_HEADER:
+        return content[:8]
+    if 8 + length > len(content) == _FIRST_READ:
+        content += read(len(content), 8 + length - 1)
+    return content[:8 + length]
 
 
 def _request_errors() -> tuple[type[Exception], ...]:

@@ -213,7 +213,11 @@ def test_service_pulls_from_and_pushes_to_the_hub_and_retries_a_failed_push(
             + json.dumps(http.get("/v1/jobs").json())
     assert TOKEN not in everything
     assert TOKEN not in worker.output()
-    assert source_repo in {r.repo_id for r in standin.requests if r.filename}
+    # the API's preflight read the weights' header (a range), the worker downloaded them once
+    reads = [(r.headers.get("range"), r.status) for r in standin.requests
+             if r.repo_id == source_repo and r.filename == "model.safetensors"
+             and r.sent_content]
+    assert reads.count((None, 200)) == 1 and ("bytes=0-65535", 206) in reads, reads
 
 
 def _wait(store: JobStore, job_id: str) -> JobRecord:

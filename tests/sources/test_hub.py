@@ -442,3 +442,113 @@ def test_run_merge_on_hub_sources_pins_revisions_and_merges_exactly(hub: HubStan
         # task-a's newer commit on main was not used
         assert not torch.allclose(merged[name], theta0 + alpha * (
             weights[0] * (task_a_v2[name] - theta0) + weights[1] * (task_b[name] - theta0)))
+
+
+# --- preflight alone: the safetensors headers, not the weights ------------------------------
+
+def headers_options(tmp_path: Path, endpoint: str) -> HubOptions:
+    return HubOptions(endpoint=endpoint, cache_dir=tmp_path / "hub-cache",
+                      headers_dir=tmp_path / "preflight-headers")
+
+
+def weight_reads(hub: HubStandIn, repo_id: str) -> list[tuple[str, str, int]]:
+    """(file, Range asked, status) of every request that sent a safetensors file's bytes."""
+    return [(r.filename, r.headers.get("range", ""), r.status) for r in hub.requests
+            if r.repo_id == repo_id and r.sent_content and r.filename.endswith(".safetensors")]
+
+
+def infos(directory: Path) -> dict[str, tuple]:
+    checkpoint, problems = Checkpoint.open(directory, "base")
+    assert problems == [] and checkpoint is not None
+    found = {name: (i.file.name, i.dtype, i.shape, i.offset)
+             for name, i in checkpoint.tensors.items()}
+    checkpoint.close()
+    return found
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded"])
+def test_headers_only_reads_each_header_and_no_weights(hub: HubStandIn, tmp_path: Path,
+                                                       layout: str) -> None:
+    weights = {**tensors(0), "model.layers.0.mlp.down_proj.weight": torch.randn(512, 1024)}
+    files = (model_repo if layout == "single" else sharded_repo)("org/big", weights)
+    files["tokenizer.json"] = b'{"version": "1.0"}'
+    sha = hub.add_repo("org/big", files)
+
+    found, problems = resolve_source("org/big", "base", headers_options(tmp_path, hub.url),
+                                     weights=False)
+
+    assert problems == [] and found is not None and found.revision == sha
+    assert found.path == tmp_path / "preflight-headers" / "org/big" / sha
+    reads = weight_reads(hub, "org/big")
+    assert reads and all(r == "bytes=0-65535" and status == 206 for _, r, status in reads)
+    real = resolved_ok("org/big", hub, tmp_path / "full")  # the files a merge downloads
+    assert files_in(found.path) == files_in(real.path)
+    assert infos(found.path) == infos(real.path)
+    for name in files_in(real.path):
+        stub, whole = found.path / name, real.path / name
+        assert stub.stat().st_size == whole.stat().st_size
+        if name.endswith(".safetensors") and whole.stat().st_size > 1 << 20:
+            assert stub.stat().st_blocks * 512 < 1 << 20  # a sparse file: the header only
+    hub.clear_requests()
+    resolve_source("org/big", "base", headers_options(tmp_path, hub.url), weights=False)
+    assert weight_reads(hub, "org/big") == []  # made once per commit
+
+
+def test_a_header_longer_than_the_first_read_takes_a_second_range(hub: HubStandIn,
+                                                                  tmp_path: Path) -> None:
+    many = {f"model.layers.{i}.scale": torch.ones(2) for i in range(1500)}  # ~100 KB header
+    hub.add_repo("org/many", model_repo("org/many", many))
+
+    found, problems = resolve_source("org/many", "base", headers_options(tmp_path, hub.url),
+                                     weights=False)
+
+    assert problems == [] and found is not None
+    header_end = 8 + int.from_bytes(save(many)[:8], "little")
+    assert header_end > 65536
+    assert [r for _, r, _ in weight_reads(hub, "org/many")] == [
+        "bytes=0-65535", f"bytes=65536-{header_end - 1}"]
+    assert set(infos(found.path)) == set(many)
+
+
+def test_headers_only_still_finds_a_truncated_file(hub: HubStandIn, tmp_path: Path) -> None:
+    whole = save(tensors(0))
+    hub.add_repo("org/cut", {"config.json": config("org/cut"), "model.safetensors": whole[:-64]})
+
+    found, problems = resolve_source("org/cut", "base", headers_options(tmp_path, hub.url),
+                                     weights=False)
+
+    assert problems == [] and found is not None
+    checkpoint, problems = Checkpoint.open(found.path, "base")
+    assert checkpoint is None and len(problems) == 1
+    assert "truncated" in problems[0].message
+
+
+def test_preflight_without_weights_then_the_merge(hub: HubStandIn, tmp_path: Path) -> None:
+    """`prepare(weights=False)` (the API's check) fetches headers only; the merge after it,
+    as a worker runs it, downloads each weights file once and merges exactly."""
+    from merge_service.engine import prepare
+
+    base, task_a, task_b = tensors(0), finetune(tensors(0), 1), finetune(tensors(0), 2)
+    hub.add_repo("org/base", model_repo("org/base", base))
+    hub.add_repo("org/task-a", model_repo("org/task-a", task_a))
+    hub.add_repo("org/task-b", sharded_repo("org/task-b", task_b))
+    spec = spec_from_dict({
+        "base": "org/base", "models": [{"source": "org/task-a"}, {"source": "org/task-b"}],
+        "method": {"name": "task_arithmetic", "params": {"alpha": 1.0}},
+        "output": {"destination": str(tmp_path / "merged")}, "options": {"device": "cpu"}})
+    options = headers_options(tmp_path, hub.url)
+
+    prepare(spec, hub=options, weights=False).close()
+
+    for repo in ("org/base", "org/task-a", "org/task-b"):
+        assert all(status == 206 for _, _, status in weight_reads(hub, repo))
+    hub.clear_requests()
+    result = run_merge(spec, hub=options)
+    merged = load_file(result.destination / "model.safetensors")
+    for name, theta0 in base.items():
+        expected = theta0 + (task_a[name] - theta0) + (task_b[name] - theta0)
+        torch.testing.assert_close(merged[name], expected, rtol=0, atol=1e-6)
+    for repo in ("org/base", "org/task-a", "org/task-b"):
+        reads = weight_reads(hub, repo)
+        assert reads and all(r == "" and status == 200 for _, r, status in reads)
+        assert len(reads) == len({f for f, _, _ in reads})  # each file once
