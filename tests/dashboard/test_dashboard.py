@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
+import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 from playwright.sync_api import expect
 
 from tests.conftest import assert_nothing_written
 from tests.dashboard.conftest import Tab
-from tests.service.conftest import KEYS, Inputs, Service, slow_spec, spec_body, wait_for
+from tests.service.conftest import Inputs, Service, slow_spec, spec_body, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -198,9 +199,44 @@ def test_preflight_errors_next_to_the_spec(tab: Tab, service: Service, minilm_in
     tab.screenshot("2-schema-error")
 
 
+class Requests:
+    """The API requests a page makes: the job list reads, the event streams (with their
+    Last-Event-ID), the single job reads."""
+
+    def __init__(self, tab: Tab) -> None:
+        self.seen: list[tuple[str, str | None]] = []
+        tab.page.on("request", lambda r: self.seen.append(
+            (r.url.removeprefix(tab.base_url), r.headers.get("last-event-id"))))
+
+    def lists(self) -> int:
+        return sum(1 for path, _ in self.seen if path == "/v1/jobs" or
+                   path.startswith("/v1/jobs?"))
+
+    def streams(self) -> list[str | None]:
+        return [last for path, last in self.seen if path == "/v1/events"]
+
+
+# the job rows' progress (bar value and text) every time it changes, to tell a live list from
+# one read again now and then
+ROWS_WATCH = """() => {
+  window.__rows = [];
+  const note = () => {
+    for (const tr of document.querySelectorAll('#jobs tbody tr')) {
+      const seen = [tr.dataset.id, tr.querySelector('progress').value,
+                    tr.querySelector('td.progress .sub').textContent];
+      const last = window.__rows.findLast(r => r[0] === seen[0]);
+      if (!last || last[1] !== seen[1] || last[2] !== seen[2]) window.__rows.push(seen);
+    }
+  };
+  new MutationObserver(note).observe(document.querySelector('#jobs tbody'),
+    {childList: true, characterData: true, attributes: true, subtree: true});
+}"""
+
+
 def test_jobs_list_updates_itself_and_filters(tab: Tab, service: Service,
                                               minilm_inputs: Inputs, tmp_path: Path) -> None:
     page = tab.page
+    requests = Requests(tab)
     tab.goto("/")
     assert "Enter an API key" in page.locator("#jobs-status").inner_text()
     page.get_by_label("API key").fill("not-a-key-of-this-server")
@@ -208,14 +244,17 @@ def test_jobs_list_updates_itself_and_filters(tab: Tab, service: Service,
     page.locator("#notice", has_text="refused").wait_for()
     tab.log_in("read")
     page.locator("#jobs-status", has_text="job").wait_for()
+    page.locator("#stream-state[data-state=live]", has_text="Live").wait_for()
     page.evaluate("window.__sameDocument = true")
+    page.evaluate(ROWS_WATCH)
+    lists_before, streams_before = requests.lists(), len(requests.streams())
+    started = time.monotonic()
 
-    # a job submitted elsewhere appears and finishes without a reload
-    with httpx.Client(base_url=service.url, timeout=60,
-                      headers={"Authorization": f"Bearer {KEYS['submit']}"}) as http:
-        created = http.post("/v1/jobs", json=spec_body(
-            minilm_inputs, tmp_path / "listed", name="listed-live",
-            options={"include": [r"layer\.0\."]}))
+    # a job submitted elsewhere appears and finishes without a reload, through the stream
+    http = service.client("submit")
+    created = http.post("/v1/jobs", json=spec_body(
+        minilm_inputs, tmp_path / "listed", name="listed-live",
+        options={"include": [r"layer\.0\."]}))
     assert created.status_code == 202, created.text
     job_id = created.json()["id"]
     row = page.locator(f"tr[data-id='{job_id}']")
@@ -224,6 +263,40 @@ def test_jobs_list_updates_itself_and_filters(tab: Tab, service: Service,
     assert page.evaluate("window.__sameDocument") is True
     assert page.locator("tbody tr").first.get_attribute("data-id") == job_id  # newest first
     assert row.locator("progress").evaluate("p => p.value") == 1
+    # no polling: the list was not read again (but for the fallback read once a minute), the
+    # one stream stayed open, and the row went through the progress the worker reported
+    assert requests.lists() - lists_before <= 1 + (time.monotonic() - started) // 60
+    assert len(requests.streams()) == streams_before
+    progress = [r for r in page.evaluate("window.__rows") if r[0] == job_id]
+    assert len({text for _, _, text in progress}) >= 4, progress
+    assert len({value for _, value, _ in progress if 0 < value < 1}) >= 2, progress
+    assert service.store.get(job_id).progress.total > 0  # type: ignore[union-attr]
+
+    # a dropped stream: "Reconnecting…" while it is down, then it resumes after the last
+    # event it had (Last-Event-ID) and what happens next arrives as before
+    page.route("**/v1/events", lambda route: route.abort())
+    page.get_by_label("Live updates").uncheck()
+    expect(page.locator("#stream-state")).to_have_text("Paused")
+    page.get_by_label("Live updates").check()
+    reconnecting = page.locator("#stream-state[data-state=reconnecting]")
+    reconnecting.wait_for()
+    assert reconnecting.inner_text() == "Reconnecting…" and reconnecting.is_visible()
+    page.unroute("**/v1/events")
+    page.locator("#stream-state[data-state=live]").wait_for()
+    terminal = [i for i, f in service.store.r.xrange(service.store.all_events_key())
+                if f["job"] == job_id][-1]
+    resumed = requests.streams()[-1]
+    assert resumed is not None and resumed >= terminal, (resumed, terminal)
+    waiting = http.post("/v1/jobs", json=spec_body(
+        minilm_inputs, tmp_path / "waits", name="listed-waiting", options={"device": "cuda"}))
+    assert waiting.status_code == 202, waiting.text  # the gpu queue: no worker serves it here
+    waiting_id = waiting.json()["id"]
+    page.locator(f"tr[data-id='{waiting_id}'][data-status='queued']").wait_for(timeout=10_000)
+    assert http.post(f"/v1/jobs/{waiting_id}/cancel").status_code == 202
+    page.locator(f"tr[data-id='{waiting_id}'][data-status='cancelled']").wait_for(
+        timeout=10_000)
+    assert page.locator("#jobs-announce").inner_text() == "Job listed-waiting: cancelled."
+    http.close()
 
     # filters: by name, by status (answered by the API's own filters)
     page.get_by_label("Name").fill("listed-live")
@@ -242,6 +315,44 @@ def test_jobs_list_updates_itself_and_filters(tab: Tab, service: Service,
     expect(row).to_have_count(0)
     statuses = page.locator("tbody tr").evaluate_all("rs => rs.map(r => r.dataset.status)")
     assert set(statuses) <= {"failed"}
+
+
+def test_jobs_list_keeps_loaded_pages_when_new_jobs_come(tab: Tab, service: Service,
+                                                         minilm_inputs: Inputs,
+                                                         tmp_path: Path) -> None:
+    """After "Load more", a new job on top must not push the job at the old page boundary
+    off the list: every loaded row stays."""
+    page = tab.page
+    name = f"paged-{secrets.token_hex(3)}"
+    http = service.client("submit")
+
+    def submit(n: int) -> str:
+        # the gpu queue: no worker serves it here, the jobs wait (and are cancelled at the end)
+        response = http.post("/v1/jobs", json=spec_body(
+            minilm_inputs, tmp_path / f"o{n}", name=name, options={"device": "cuda"}))
+        assert response.status_code == 202, response.text
+        return response.json()["id"]
+
+    ids = [submit(n) for n in range(26)]  # one page of 25 and one more
+    tab.goto("/")
+    tab.log_in("read")
+    page.get_by_label("Name").fill(name)
+    page.get_by_role("button", name="Apply").click()
+    rows = page.locator("tbody tr")
+    expect(rows).to_have_count(25)
+    page.get_by_role("button", name="Load more").click()
+    expect(rows).to_have_count(26)
+    assert page.get_by_role("button", name="Load more").is_hidden()
+    page.locator("#stream-state[data-state=live]").wait_for()
+    newest = submit(26)
+    page.locator(f"tr[data-id='{newest}']").wait_for(timeout=10_000)
+    expect(rows).to_have_count(27)
+    shown = rows.evaluate_all("rs => rs.map(r => r.dataset.id)")
+    assert shown == [newest, *reversed(ids)]
+    for job_id in [*ids, newest]:
+        assert http.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+    expect(page.locator("tbody tr[data-status='cancelled']")).to_have_count(27)
+    http.close()
 
 
 def test_every_control_has_a_label_and_the_keyboard_reaches_it(tab: Tab,
