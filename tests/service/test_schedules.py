@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from api.app import create_app
 from tests.hubstandin import HubStandIn, isolate_hf_environment
-from tests.hubstandin.server import json_response
+from tests.hubstandin.server import hub_error, json_response
 from tests.service.conftest import (
     API_KEYS,
     KEYS,
@@ -585,9 +585,21 @@ def test_adapters_failing_preflight_are_left_out_and_listed(env: Env, tmp_path: 
                for p in left_out["other-base"]["problems"])
     assert any("DoRA" in p["message"] for p in left_out["dora"]["problems"])
     assert left_out["dora"]["revision"] == content_hash(collection / "dora")
+    assert not any(o["transient"] for o in run["left_out"])  # for what they are
     job = env.wait_job(run["job_id"])
     assert job.status == "succeeded", job.error
     assert sorted(m.name for m in job.spec.models) == ["pattern", "qv"]
+    # left out for what they are at their revisions: the same set is unchanged, not retried
+    again = env.post(f"/v1/schedules/{sid}/run").json()
+    assert again["status"] == "skipped" and "unchanged" in again["reason"], again
+    # a new revision of one of them is a change
+    config = collection / "dora" / "adapter_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"use_dora": False}))
+    fixed = env.post(f"/v1/schedules/{sid}/run").json()
+    assert fixed["status"] == "submitted" and sorted(fixed["merged"]) == [
+        "dora", "pattern", "qv"], fixed
+    assert env.wait_job(fixed["job_id"]).status == "succeeded"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"use_dora": True}))
 
     # fewer than two left: skipped with the reason, no job
     shutil.rmtree(collection / "pattern")
@@ -955,8 +967,6 @@ def test_a_tick_waits_for_the_open_job_of_its_schedule(env: Env, tmp_path: Path)
 
 
 def test_a_retried_job_success_is_its_runs(env: Env, tmp_path: Path) -> None:
-    from tests.hubstandin.server import hub_error
-
     collection = tmp_path / "adapters"
     collection.mkdir()
     copy_adapter(env.adapters["qv"], collection / "qv")
@@ -1096,3 +1106,97 @@ def test_pause_and_resume_at_once_leave_the_entry_as_the_record_says(env: Env, t
     assert wrong == []
     assert env.client.delete(f"/v1/schedules/{sid}", headers=env.headers()).status_code == 204
     assert schedule_keys(env, sid) == []
+
+
+# --- adapters that could not be read: not merged, so not skipped on -------------------------
+
+def test_an_adapter_the_preflight_could_not_fetch_is_merged_at_a_later_run(env: Env,
+                                                                          tmp_path: Path
+                                                                          ) -> None:
+    hub = env.hub
+    tag = secrets.token_hex(3)
+    repos = {name: f"grace/{name}-{tag}" for name in ("qv", "pattern", "rslora")}
+    shas = {name: hub.add_repo(repo, adapter_files(env.adapters[name]))
+            for name, repo in repos.items()}
+    schedule = create(env, schedule_body(env, "flaky-hub", {"sources": list(repos.values())},
+                                         str(tmp_path / "out"), paused=True))
+    sid = schedule["id"]
+    flaky = f"qv-{tag}"  # the first adapter the preflight fetches
+    hub.fail_next("_resolve", hub_error(403, None, "refused for a while"))
+    first = env.post(f"/v1/schedules/{sid}/run").json()
+    assert first["status"] == "submitted", first
+    assert sorted(first["merged"]) == [f"pattern-{tag}", f"rslora-{tag}"], first
+    (left_out,) = first["left_out"]
+    assert left_out["name"] == flaky and left_out["transient"], left_out
+    assert left_out["revision"] == shas["qv"]
+    assert any(f"cannot fetch Hub repo {repos['qv']}" in p["message"]
+               for p in left_out["problems"]), left_out
+    assert env.wait_job(first["job_id"]).status == "succeeded"
+
+    # its job succeeded without it: the next run is not 'unchanged', it merges the three
+    second = env.post(f"/v1/schedules/{sid}/run").json()
+    assert second["status"] == "submitted", second
+    assert sorted(second["merged"]) == sorted(f"{n}-{tag}" for n in repos), second
+    assert second["left_out"] == []
+    assert env.wait_job(second["job_id"]).status == "succeeded"
+    third = env.post(f"/v1/schedules/{sid}/run").json()
+    assert third["status"] == "skipped" and "unchanged" in third["reason"], third
+    assert third["fingerprint"] == second["fingerprint"] != first["fingerprint"]
+
+    # a new revision the preflight cannot fetch: no merge without it (it would drop the
+    # adapter from the destination), a skip that names it
+    retrained = copy_adapter(env.adapters["qv"], tmp_path / "qv-v2")
+    retrain(retrained, 2.0)
+    hub.add_commit(repos["qv"], adapter_files(retrained))
+    hub.fail_next("_resolve", hub_error(403, None, "refused for a while"))
+    fourth = env.post(f"/v1/schedules/{sid}/run").json()
+    assert fourth["status"] == "skipped" and fourth["job_id"] is None, fourth
+    assert fourth["reason"].startswith(
+        f"unchanged since the last successful run (run {second['id']}, job "
+        f"{second['job_id']}) but for 1 adapter(s) that could not be read ({repos['qv']};")
+    assert [o["name"] for o in fourth["left_out"]] == [flaky]
+    fifth = env.post(f"/v1/schedules/{sid}/run").json()
+    assert fifth["status"] == "submitted" and len(fifth["merged"]) == 3, fifth
+    assert env.wait_job(fifth["job_id"]).status == "succeeded"
+    assert env.client.delete(f"/v1/schedules/{sid}", headers=env.headers()).status_code == 204
+
+
+def test_an_adapter_that_could_not_be_read_is_no_reason_to_merge(env: Env, tmp_path: Path
+                                                                  ) -> None:
+    adapters = {name: copy_adapter(env.adapters[name], tmp_path / name)
+                for name in ("qv", "pattern", "rslora")}
+    schedule = create(env, schedule_body(env, "flaky-disk", {"sources": [
+        str(path) for path in adapters.values()]}, str(tmp_path / "out"), paused=True))
+    sid = schedule["id"]
+    first = env.post(f"/v1/schedules/{sid}/run").json()
+    assert first["status"] == "submitted" and len(first["merged"]) == 3, first
+    assert env.wait_job(first["job_id"]).status == "succeeded"
+
+    # rslora cannot be read for a while (its volume away): the rest is unchanged, no merge
+    away = adapters["rslora"].rename(tmp_path / "away")
+    run = env.post(f"/v1/schedules/{sid}/run").json()
+    assert run["status"] == "skipped" and run["job_id"] is None, run
+    assert "but for 1 adapter(s) that could not be read" in run["reason"], run
+    (left_out,) = run["left_out"]
+    assert left_out["origin"] == str(adapters["rslora"]) and left_out["transient"]
+    away.rename(adapters["rslora"])
+    run = env.post(f"/v1/schedules/{sid}/run").json()
+    assert run["status"] == "skipped" and "unchanged" in run["reason"], run
+    assert run["fingerprint"] == first["fingerprint"]
+
+    # unreadable while another adapter changed: the change is merged without it, and it is
+    # merged again once it is read (its success did not make that set 'unchanged')
+    away = adapters["rslora"].rename(tmp_path / "away")
+    retrain(adapters["pattern"], 2.0)
+    without = env.post(f"/v1/schedules/{sid}/run").json()
+    assert without["status"] == "submitted" and sorted(without["merged"]) == [
+        "pattern", "qv"], without
+    assert env.wait_job(without["job_id"]).status == "succeeded"
+    again = env.post(f"/v1/schedules/{sid}/run").json()
+    assert again["status"] == "skipped" and "unchanged" in again["reason"], again
+    away.rename(adapters["rslora"])
+    back = env.post(f"/v1/schedules/{sid}/run").json()
+    assert back["status"] == "submitted" and len(back["merged"]) == 3, back
+    assert env.wait_job(back["job_id"]).status == "succeeded"
+    assert env.post(f"/v1/schedules/{sid}/run").json()["status"] == "skipped"
+    assert env.client.delete(f"/v1/schedules/{sid}", headers=env.headers()).status_code == 204

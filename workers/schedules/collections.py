@@ -11,6 +11,27 @@ A local adapter is also copied (once per content hash) to `DATA_DIR/schedule-inp
 and the job reads that copy: the job merges exactly the files that were hashed, even if the
 directory changes while the job waits in the queue. Copies no tick has used for a week are
 removed (`prune_snapshots`).
+
+Fingerprints (`fingerprint`): a tick skips when the set it resolves has the fingerprint of the
+last run whose job succeeded, so a fingerprint must name what that job merged, and only that:
+
+- the base, and each adapter merged, at its revision;
+- each adapter left out for what it is at its revision (trained on another base, DoRA or
+  another variant, a config or weights that cannot be merged), at that revision: the same
+  revision would be left out again, a new one is a change;
+- each adapter left out because it could not be read (a local directory unreadable, the Hub
+  unreachable or refusing), by origin only, marked unread: while it stays unreadable the set is
+  unchanged (merging again would merge the same), and once it is read it is pinned to a
+  revision, which the marker never equals, so the next tick merges it.
+
+An adapter resolved here but found unreadable by the job's preflight (`Ticker` leaves it out)
+is counted unread in the fingerprint of the job: the next tick, which resolves it to a
+revision, is a change and tries it again.
+
+An unreadable adapter is no reason to merge either: when everything read is as the last
+successful run merged it (same base, same adapters at the same revisions) and each of that
+run's adapters missing now could not be read, the tick skips (`ticks.only_unread_changed`)
+instead of pushing a merge without them, and tries them again at the next tick.
 """
 
 from __future__ import annotations
@@ -48,11 +69,19 @@ class ResolvedCollection:
 
     @property
     def fingerprint(self) -> str:
-        """The identity of the resolved set: the base, and what was found where, at which
-        revision."""
-        pinned = sorted(f"{a.origin}@{a.revision}" for a in self.adapters)
-        return hashlib.sha256(json.dumps({"base": self.base, "adapters": pinned}).encode()
-                              ).hexdigest()
+        """The identity of the resolved set: the base, what was found where at which revision,
+        and what could not be read."""
+        return fingerprint(self.base, self.adapters, self.left_out)
+
+
+def fingerprint(base: str, pinned: list[PinnedAdapter], unread: list[LeftOut]) -> str:
+    """See the module's docstring. Without unread adapters, the same as before they were
+    counted (the last successes recorded then still match)."""
+    identity: dict[str, object] = {"base": base, "adapters": sorted(
+        f"{a.origin}@{a.revision}" for a in pinned)}
+    if unread:
+        identity["unread"] = sorted(f"{u.origin}@{u.revision or ''}" for u in unread)
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 
 
 def resolve_collection(collection: CollectionSpec, base: str, hub: HubOptions, snapshots: Path
@@ -113,7 +142,7 @@ def _pin_hub_repo(api: HfApi, repo_id: str, revision: str | None, found: Resolve
     try:
         info = api.model_info(repo_id, revision=revision)
     except Exception as exc:
-        found.left_out.append(LeftOut(origin=repo_id, revision=revision,
+        found.left_out.append(LeftOut(origin=repo_id, revision=revision, transient=True,
                                       reason=f"cannot read Hub repo {repo_id}: {_reason(exc)}"))
         return
     files = {s.rfilename for s in info.siblings or []}
@@ -178,8 +207,8 @@ def _pin_local(path: Path, snapshots: Path, found: ResolvedCollection, *,
         revision = content_hash(path)
         copy = snapshot(path, revision, snapshots)
     except OSError as exc:
-        found.left_out.append(LeftOut(name=name, origin=str(path), reason=f"cannot read "
-                                      f"{path}: {exc.strerror or exc}",
+        found.left_out.append(LeftOut(name=name, origin=str(path), transient=True,
+                                      reason=f"cannot read {path}: {exc.strerror or exc}",
                                       problems=[RunProblem(message=str(exc), model=name)]))
         return
     found.adapters.append(PinnedAdapter(name=name, origin=str(path), revision=revision,

@@ -159,6 +159,9 @@ class LeftOut(BaseModel):
     revision: str | None = None
     reason: str
     problems: list[RunProblem] = Field(default_factory=list)
+    transient: bool = Field(False, description="left out for a reason that may pass (it "
+                            "could not be read or fetched): a later run tries it again; else "
+                            "for what it is at that revision (another base, DoRA, its config)")
 
 
 class ScheduleRun(BaseModel):
@@ -171,8 +174,11 @@ class ScheduleRun(BaseModel):
     reason: str | None = None
     started_at: datetime
     finished_at: datetime | None = None
-    fingerprint: str | None = Field(None, description="sha256 of the resolved set (base and "
-                                    "adapters)")
+    fingerprint: str | None = Field(None, description="sha256 of the set the run stands for: "
+                                    "the base, each adapter merged or left out for what it is "
+                                    "at its revision, and (by origin) each adapter that could "
+                                    "not be read; a run whose job succeeded makes later runs "
+                                    "with the same fingerprint skips")
     base: str | None = Field(None, description="the base the job merges onto: a Hub base pinned "
                              "to its commit (a new commit there is a change, as an adapter's is)")
     adapters: list[PinnedAdapter] = Field(default_factory=list,

@@ -39,6 +39,7 @@ from workers.celery_app import make_celery
 from workers.jobs import JobStore, new_job_id, now
 from workers.schedules.models import (
     SCHEDULE_ID,
+    PinnedAdapter,
     Schedule,
     ScheduleCreate,
     ScheduleRun,
@@ -127,9 +128,12 @@ def _job_origin(jobs: JobStore, schedule_id: str, job_id: str) -> dict[str, Any]
         if raw:
             return json.loads(raw)  # type: ignore[no-any-return]
     for raw in jobs.r.lrange(schedule_key(jobs, schedule_id, "runs"), 0, -1):
-        run = json.loads(raw)
-        if run.get("job_id") == job_id and run.get("fingerprint"):
-            return {"run_id": run["id"], "fingerprint": run["fingerprint"]}
+        run = ScheduleRun.model_validate_json(raw)
+        if run.job_id == job_id and run.fingerprint:
+            unread = {(o.origin, o.revision) for o in run.left_out if o.transient}
+            return {"run_id": run.id, "fingerprint": run.fingerprint, "base": run.base,
+                    "pinned": [[a.origin, a.revision] for a in run.adapters
+                               if (a.origin, a.revision) not in unread]}
     return None
 
 
@@ -349,11 +353,16 @@ class ScheduleStore:
         return bool(self.r.set(self._key(schedule_id, f"fired:{slot}"), "1", nx=True,
                                ex=SLOT_CLAIM_S))
 
-    def add_open(self, schedule_id: str, job_id: str, run_id: str, fingerprint: str) -> bool:
-        """False when the schedule is gone."""
+    def add_open(self, schedule_id: str, job_id: str, run_id: str, fingerprint: str, *,
+                 base: str | None = None, pinned: list[PinnedAdapter] | None = None) -> bool:
+        """False when the schedule is gone. `base` and `pinned` (the adapters the job reads or
+        left out for good) tell a later tick whether only unreadable adapters changed."""
+        entry: dict[str, Any] = {"run_id": run_id, "fingerprint": fingerprint}
+        if pinned is not None:
+            entry |= {"base": base, "pinned": [[a.origin, a.revision] for a in pinned]}
         return bool(self._set_field(
             keys=[self._key(schedule_id), self._key(schedule_id, "open")],
-            args=[job_id, json.dumps({"run_id": run_id, "fingerprint": fingerprint})]))
+            args=[job_id, json.dumps(entry)]))
 
     def settle(self, schedule_id: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
         """Look at the jobs not yet seen ending: record the newest success, forget the ended.

@@ -11,13 +11,16 @@ two jobs then end in either order; the last success recorded is the newer job's)
 Submitting goes through `JobService.submit`, the API's own path (the same preflight, store and
 queue), with the schedule's id on the job. Adapters that fail preflight (trained on another
 base, DoRA, unreadable) are left out and listed in the run; the job merges the others, unless
-fewer than two remain. The scheduler process fires ticks; `POST /v1/schedules/{id}/run` runs
+fewer than two remain. What the job's success makes later ticks skip is what it merged: an
+adapter left out because it could not be read is tried again at the next tick (the rule is in
+`collections`). The scheduler process fires ticks; `POST /v1/schedules/{id}/run` runs
 one in the API process.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +34,7 @@ from workers.jobs import new_job_id, now, timestamp
 from workers.schedules.collections import (
     CollectionError,
     ResolvedCollection,
+    fingerprint,
     prune_snapshots,
     resolve_collection,
 )
@@ -44,6 +48,11 @@ log = logging.getLogger("merge_service.scheduler")
 SNAPSHOT_KEEP_S = 7 * 86400  # copies of local adapters no tick used for a week are removed
 PRUNE_EVERY_S = 3600.0
 Trigger = Literal["schedule", "manual"]
+# the library's problems that say an input could not be read, not what it is: the Hub
+# unreachable, refusing or offline, a file or directory unreadable or gone (any OSError's
+# "[Errno N]"); see `merge_service.sources` (resolve, lora, checkpoint)
+UNREADABLE = re.compile(r"cannot fetch Hub repo|cannot read|\[Errno \d+\]|not found \(or no "
+                        r"access|is gated|^local source .* (does not exist|is a file)")
 
 
 class TickInProgress(Exception):
@@ -123,6 +132,8 @@ class Ticker:
                 return draft.done("skipped", "unchanged since the last successful run "
                                   f"(run {last_success['run_id']}, job "
                                   f"{last_success['job_id']})")
+            if only_unread_changed(last_success, found.base, found.adapters, found.left_out):
+                return draft.done("skipped", _unread_reason(last_success, found.left_out))
             pending = [j for j in still_open if j["fingerprint"] == found.fingerprint]
             if pending:
                 return draft.done("skipped", f"job {pending[-1]['job_id']} for the same set is "
@@ -131,10 +142,10 @@ class Ticker:
                 job = still_open[-1]
                 return draft.done("skipped", f"job {job['job_id']} is still {job['status']}; "
                                   "the change is merged after it ends")
-        return self._submit(schedule, draft, found)
+        return self._submit(schedule, draft, found, None if force else last_success)
 
-    def _submit(self, schedule: Schedule, draft: _Draft, found: ResolvedCollection
-                ) -> ScheduleRun | None:
+    def _submit(self, schedule: Schedule, draft: _Draft, found: ResolvedCollection,
+                last_success: dict[str, Any] | None) -> ScheduleRun | None:
         """The run with the job submitted, or None when the schedule was deleted meanwhile (no
         job is left queued for it)."""
         from api.auth import Principal
@@ -166,15 +177,28 @@ class Ticker:
                         RunProblem.of(p) for p in exc.problems])
                 for name in sorted(failing):
                     adapter = names[name]
+                    problems = [p for p in exc.problems if p.model == name]
+                    unreadable = any(UNREADABLE.search(p.message) for p in problems)
                     draft.left_out.append(LeftOut(
                         name=name, origin=adapter.origin, revision=adapter.revision,
-                        reason="fails preflight", problems=[
-                            RunProblem.of(p) for p in exc.problems if p.model == name]))
+                        reason="could not be read; tried again at the next run" if unreadable
+                        else "fails preflight", transient=unreadable,
+                        problems=[RunProblem.of(p) for p in problems]))
                 candidates = [a for a in candidates if a.name not in failing]
+                unread = [o for o in draft.left_out if o.transient]
+                if only_unread_changed(last_success, found.base,
+                                       _readable(found.adapters, unread), unread):
+                    return draft.done("skipped", _unread_reason(last_success, unread))
                 continue
             except ApiError as exc:
                 return draft.done("failed", exc.message)
-            if not self.schedules.add_open(schedule.id, record.id, draft.id, found.fingerprint):
+            # what the job merges (see `collections`): an adapter the preflight could not read
+            # counts as unread, so that its success does not make the next tick skip it
+            unread = [o for o in draft.left_out if o.transient]
+            readable = _readable(found.adapters, unread)
+            draft.fingerprint = fingerprint(found.base, readable, unread)
+            if not self.schedules.add_open(schedule.id, record.id, draft.id, draft.fingerprint,
+                                           base=found.base, pinned=readable):
                 # deleted between the check above and now: the job is nobody's
                 self.jobs.store.request_cancel(record.id)
                 self.jobs.store.transition(record.id, "cancelled", {"queued"},
@@ -182,6 +206,35 @@ class Ticker:
                 return None
             draft.merged = [a.name for a in candidates]
             return draft.done("submitted", None, job_id=record.id)
+
+
+def _readable(adapters: list[PinnedAdapter], unread: list[LeftOut]) -> list[PinnedAdapter]:
+    """The adapters less those the preflight could not read."""
+    left_out = {(o.origin, o.revision) for o in unread}
+    return [a for a in adapters if (a.origin, a.revision) not in left_out]
+
+
+def only_unread_changed(last_success: dict[str, Any] | None, base: str,
+                        readable: list[PinnedAdapter], unread: list[LeftOut]) -> bool:
+    """True when some adapters could not be read and everything else is as the last successful
+    run merged it: each adapter read now was in it at the same revision, on the same base, and
+    each of its adapters missing now is one that could not be read. Merging would drop the
+    unread ones from the destination until they are read again, and then merge again."""
+    if not unread or last_success is None or "pinned" not in last_success \
+            or last_success.get("base") != base:
+        return False
+    last = {(origin, revision) for origin, revision in last_success["pinned"]}
+    now = {(a.origin, a.revision) for a in readable}
+    unread_origins = {o.origin for o in unread}
+    return now <= last and all(origin in unread_origins for origin, _ in last - now)
+
+
+def _unread_reason(last_success: dict[str, Any] | None, unread: list[LeftOut]) -> str:
+    assert last_success is not None
+    return (f"unchanged since the last successful run (run {last_success['run_id']}, job "
+            f"{last_success['job_id']}) but for {len(unread)} adapter(s) that could not be "
+            f"read ({', '.join(sorted(o.origin for o in unread))}; see left_out); tried again "
+            "at the next run")
 
 
 def _describe(exc: BaseException) -> str:
