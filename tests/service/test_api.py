@@ -351,6 +351,9 @@ def test_openapi_documents_every_endpoint(client: TestClient) -> None:
         ("POST", "/v1/schedules/{schedule_id}/resume"): "resume_schedule",
         ("POST", "/v1/schedules/{schedule_id}/run"): "run_schedule",
         ("GET", "/v1/schedules/{schedule_id}/runs"): "list_schedule_runs"}
+    events = doc["paths"]["/v1/events"]["get"]
+    assert events["summary"].startswith("Server-Sent Events of every job")
+    assert "text/event-stream" in events["responses"]["200"]["content"]
     validate = doc["paths"]["/v1/jobs:validate"]["post"]
     assert set(validate["requestBody"]["content"]) == {"application/yaml", "application/json"}
     schemas = doc["components"]["schemas"]
