@@ -62,15 +62,19 @@ class Supervised:
             self._spawn()
 
     def stop(self, warm_s: float = 10.0) -> None:
-        """Warm shutdown (finish the current job) for `warm_s`, then cold, then kill."""
+        """Warm shutdown (finish the current job) for `warm_s`, then cold, then kill. The
+        first two go to the main process alone, as `docker stop` sends them: Celery's pool
+        children reset SIGTERM to its default, and one sent to the whole group would end the
+        running job at once instead of letting the main process wait for it."""
         self.stopping.set()
         process = self.process
         if process is None or process.poll() is not None:
             return
-        for sig, wait_s in ((signal.SIGTERM, warm_s), (signal.SIGQUIT, 5.0),
-                            (signal.SIGKILL, 5.0)):
+        for sig, wait_s, send in ((signal.SIGTERM, warm_s, os.kill),
+                                  (signal.SIGQUIT, 5.0, os.kill),
+                                  (signal.SIGKILL, 5.0, os.killpg)):
             try:
-                os.killpg(process.pid, sig)
+                send(process.pid, sig)
             except ProcessLookupError:
                 return
             try:

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.conftest import Inputs, Process, spec_body, wait_for
+from tests.service.conftest import Inputs, Process, slow_spec, spec_body, wait_for
 from workers.redis_server import free_port
 
 pytestmark = pytest.mark.slow
@@ -100,6 +100,44 @@ def test_up_submit_wait_ctrl_c_and_restart(minilm_inputs: Inputs, tmp_path: Path
         assert interrupt(up, signal.SIGTERM) == 0  # as docker or systemd stop it
         assert service_processes(up.output(), data_dir) == []
     finally:
+        up.stop()
+
+
+def test_ctrl_c_lets_the_running_job_go_on(minilm_inputs: Inputs, tmp_path: Path) -> None:
+    """Ctrl-C during a merge: the worker's warm shutdown lets the job go on (the warm signal
+    goes to the worker's main process alone; its pool child would die of it at once)."""
+    from workers.jobs import JobStore
+
+    data_dir = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MERGE_SERVICE_")}
+    env |= {"MERGE_SERVICE_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1"}
+    up, url = start_up(env, free_port(), tmp_path / "up.log")
+    redis = re.search(r"Redis:\s+(redis://\S+)", up.output())
+    assert redis is not None
+    store = JobStore.from_url(redis[1])
+    try:
+        job = httpx.post(f"{url}/v1/jobs", json=slow_spec(minilm_inputs, tmp_path / "merged"),
+                         timeout=120).json()
+
+        def done() -> int:
+            record = store.get(job["id"])
+            return record.progress.done if record and record.progress \
+                and record.progress.stage == "merging" else 0
+
+        wait_for(lambda: done() > 0, timeout=120, interval=0.02, what="the merge to start")
+        assert up.process is not None
+        up.process.send_signal(signal.SIGINT)  # up stops the API and the scheduler first
+        log = data_dir / "logs" / "worker.log"
+        wait_for(lambda: "Warm shutdown" in log.read_text(), timeout=30, interval=0.01,
+                 what="the worker's warm shutdown")
+        at_signal = done()
+        wait_for(lambda: done() > at_signal + 1, timeout=8, interval=0.02,
+                 what="the merge to go on after the worker was told to stop")
+        assert up.process.wait(60) == 0
+        assert service_processes(up.output(), data_dir) == []
+    finally:
+        store.r.close()
         up.stop()
 
 
