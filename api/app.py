@@ -38,7 +38,8 @@ log = logging.getLogger("merge_service.api")
 DESCRIPTION = """Merge fine-tuned models and LoRA adapters as a service.
 
 Submit a job spec to `POST /v1/jobs`; a worker runs it; follow it with
-`GET /v1/jobs/{id}/events` (Server-Sent Events) or poll `GET /v1/jobs/{id}`.
+`GET /v1/jobs/{id}/events` (Server-Sent Events) or poll `GET /v1/jobs/{id}`;
+`GET /v1/events` streams the events of every job.
 Authenticate with `Authorization: Bearer <key>` when the server has keys configured.
 """
 

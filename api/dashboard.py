@@ -5,7 +5,7 @@ everything from the REST API with the key the user entered (kept in `sessionStor
 `Authorization: Bearer`), so the pages themselves need no authentication and the dashboard
 can do nothing a REST client with the same key could not.
 
-- `/`: the jobs, a live list (polls `GET /v1/jobs` every 2 s while the tab is visible).
+- `/`: the jobs, a live list following `GET /v1/events` (every job's events, one stream).
 - `/jobs/{id}`: one job, live through its Server-Sent Events (read with `fetch`, since
   `EventSource` cannot send an `Authorization` header), and its merge report as charts.
 - `/new`: the spec editor; "Check" runs `POST /v1/jobs:validate` (schema and preflight).
