@@ -14,6 +14,8 @@ from workers.celery_app import QUEUES
 from workers.jobs import JobStore
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# a label value per method any client may invent would let anyone grow the series without end
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class JobsCollector:
@@ -85,4 +87,5 @@ class MetricsMiddleware:
             await self.app(scope, receive, sending)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(scope["method"], route, str(status["code"])).inc()
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            self.metrics.requests.labels(method, route, str(status["code"])).inc()

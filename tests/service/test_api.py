@@ -320,6 +320,8 @@ def test_methods_health_readiness_metrics(client: TestClient, store: JobStore) -
     store.worker_heartbeat("w@test", {"name": "w@test", "hostname": "h", "pid": 1,
                                       "queues": ["cpu"], "started_at": "now"}, ttl_s=30)
     assert client.get("/readyz").status_code == 200
+    for invented in ("BREW", "X-123"):  # methods a client invents share one label value
+        assert client.request(invented, "/healthz").status_code == 405
     metrics = client.get("/metrics")
     assert metrics.status_code == 200
     text = metrics.text
@@ -327,6 +329,8 @@ def test_methods_health_readiness_metrics(client: TestClient, store: JobStore) -
     assert 'merge_service_workers{queue="cpu"} 1.0' in text
     assert 'merge_service_http_requests_total{method="GET",route="/readyz",status="503"} 1.0' \
         in text
+    assert 'merge_service_http_requests_total{method="other",route="/healthz",status="405"} 2.0' \
+        in text and "BREW" not in text
 
 
 def test_openapi_documents_every_endpoint(client: TestClient) -> None:
