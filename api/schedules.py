@@ -187,7 +187,9 @@ def resume_schedule(request: Request, schedule_id: ScheduleId, principal: Submit
              responses={**_404, **_409}, summary="Run a tick now")
 def run_schedule(request: Request, schedule_id: ScheduleId, principal: Submitter,
                  force: Annotated[bool, Query(description="submit a job even when the "
-                                              "collection is unchanged")] = False
+                                              "collection is unchanged, or while a job of "
+                                              "the schedule has not ended (both push to the "
+                                              "destination, in the order they end)")] = False
                  ) -> ScheduleRun:
     return schedules(request).run_now(schedule_id, principal, force)
 
