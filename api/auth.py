@@ -85,6 +85,20 @@ def authenticate(keys: list[ApiKey], credentials: HTTPAuthorizationCredentials |
     return found
 
 
+def optional_principal() -> object:
+    """A dependency: the caller's principal, or None for a missing or unknown key (for routes
+    that answer everyone and tell more to a known key)."""
+
+    async def dependency(request: Request, credentials: Annotated[
+            HTTPAuthorizationCredentials | None, Security(_bearer)]) -> Principal | None:
+        try:
+            return authenticate(request.app.state.api_keys, credentials)
+        except Unauthorized:
+            return None
+
+    return Depends(dependency)
+
+
 def require(role: Role) -> object:
     """A dependency: the caller's principal, if its role is at least `role`."""
 

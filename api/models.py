@@ -38,5 +38,7 @@ class WorkerInfo(BaseModel):
 class Readiness(BaseModel):
     ready: bool
     redis: bool
-    workers: list[WorkerInfo]
+    live_workers: int
+    workers: list[WorkerInfo] = Field(description="each live worker; for a caller with a key of "
+                                      "role read or above (or in local mode), else empty")
     problems: list[str] = Field(default_factory=list)

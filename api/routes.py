@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from api.auth import Principal, require
+from api.auth import Principal, optional_principal, require
 from api.errors import ERROR_RESPONSES, BadRequest, ErrorResponse, Unavailable
 from api.metrics import CONTENT_TYPE
 from api.models import Health, JobList, MethodInfo, Readiness
@@ -140,8 +140,11 @@ def healthz() -> Health:
 @router.get("/readyz", response_model=Readiness, tags=["operations"],
             responses={503: {"model": Readiness, "description": "not ready"}},
             summary="Readiness: Redis reachable and at least one live worker")
-def readyz(request: Request, response: Response) -> Readiness:
+def readyz(request: Request, response: Response,
+           caller: Annotated[Principal | None, optional_principal()]) -> Readiness:
     readiness = Readiness.model_validate(service(request).readiness())
+    if caller is None:  # a probe needs the answer, not the hosts and pids behind it
+        readiness.workers = []
     if not readiness.ready:
         response.status_code = 503
     return readiness

@@ -185,5 +185,5 @@ class JobService:
             problems.append(f"Redis unreachable: {type(exc).__name__}")
         if redis_ok and not workers:
             problems.append("no live worker")
-        return {"ready": not problems, "redis": redis_ok, "workers": workers,
-                "problems": problems}
+        return {"ready": not problems, "redis": redis_ok, "live_workers": len(workers),
+                "workers": workers, "problems": problems}

@@ -387,8 +387,8 @@ ROLE_CASES = [  # (method, path, lowest role allowed)
 RANK = {"read": 0, "submit": 1, "admin": 2}
 
 
-def test_roles_allowed_and_refused(keyed: TestClient, minilm_inputs: Inputs, tmp_path: Path,
-                                   caplog: pytest.LogCaptureFixture) -> None:
+def test_roles_allowed_and_refused(keyed: TestClient, store: JobStore, minilm_inputs: Inputs,
+                                   tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     texts = []
 
@@ -415,7 +415,14 @@ def test_roles_allowed_and_refused(keyed: TestClient, minilm_inputs: Inputs, tmp
         assert call(method, template.format(id=seed), "not-a-key-" * 3, 0) == 401
     # open to probes: liveness, readiness
     assert keyed.get("/healthz").status_code == 200
-    assert keyed.get("/readyz").status_code in (200, 503)
+    store.worker_heartbeat("probe@test", {"name": "probe@test", "hostname": "probe-host",
+                                          "pid": 4242, "queues": ["cpu"], "started_at": "now"},
+                           ttl_s=30)
+    anonymous = keyed.get("/readyz")
+    assert anonymous.status_code == 200 and anonymous.json()["live_workers"] >= 1
+    assert anonymous.json()["workers"] == [] and "probe-host" not in anonymous.text
+    known = keyed.get("/readyz", headers={"Authorization": f"Bearer {KEYS['read']}"}).json()
+    assert "probe-host" in [w["hostname"] for w in known["workers"]]
     missing = keyed.get("/v1/jobs")
     assert missing.headers["www-authenticate"] == "Bearer"
     assert error(missing)["type"] == "Unauthorized"
