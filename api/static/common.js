@@ -34,19 +34,29 @@ const MS = (() => {
 
   function notice(message) {
     const box = document.getElementById("notice");
+    // the same text again would be announced again (role=alert)
+    if (box.textContent === (message || "") && box.hidden === !message) return;
     box.textContent = message || "";
     box.hidden = !message;
   }
 
+  // A refused key: the prompt comes back, once. Focus moves to it only when it has nowhere
+  // else to be (the key form's own button, or nothing): a poll that fails must not pull focus
+  // from what someone is doing. Pages stop polling on `ms:key-refused` and start again on
+  // `ms:key`.
   function needKey(message) {
     sessionStorage.removeItem(KEY);
     showKeyState();
     notice(message || "Enter an API key to continue.");
     const input = document.getElementById("api-key");
-    if (input) input.focus();
+    const active = document.activeElement;
+    if (input && (!active || active === document.body || active.closest(".key"))) input.focus();
+    document.dispatchEvent(new CustomEvent("ms:key-refused"));
   }
 
   async function api(path, options) {
+    // without a key this server answers 401 to everything: do not ask it again and again
+    if (authRequired && !key()) throw new ApiError(401, { error: { type: "Unauthorized", message: "no API key" } });
     const opts = Object.assign({}, options || {});
     opts.headers = headers(opts.headers);
     if (opts.json !== undefined) {

@@ -33,48 +33,106 @@
     return text;
   }
 
-  async function action(s, verb, label, opts) {
+  // the latest record of each schedule; the buttons act on it, not on the one they were made for
+  const schedules = new Map();
+
+  async function action(id, verb, label, opts) {
+    const s = schedules.get(id);
+    if (!s) return;
     let answer;
     try {
       answer = await api(`/v1/schedules/${s.id}${verb}`, opts || { method: "POST" });
     } catch (e) {
-      MS.notice(`${label} failed: ${MS.errorText(e)}`);
+      if (!(e instanceof MS.ApiError && e.status === 401)) MS.notice(`${label} failed: ${MS.errorText(e)}`);
       return;
     }
     if (verb === "" && selected === s.id) { selected = null; $("history").hidden = true; }
+    if (verb === "") focusAfterDelete(s.id);
     await refresh();
-    if (verb !== "" && selected !== s.id) await showHistory(s);
+    if (verb !== "" && selected !== s.id) await showHistory(schedules.get(s.id) || s);
     $("schedules-status").textContent = verb === "/run"
       ? `${s.name}: run ${answer.status}${answer.reason ? ` (${answer.reason})` : ""}${answer.job_id ? `, job ${answer.job_id}` : ""}.`
       : `${s.name}: ${label}.`;
   }
 
-  function row(s) {
-    const [kind, value] = collection(s.collection);
-    const last = s.last_run;
+  // the row of a deleted schedule goes; its Delete button had the focus: the next row's (or
+  // the previous row's) Delete button takes it, else the list's heading
+  function focusAfterDelete(id) {
+    const tr = rowOf($("schedules"), id);
+    if (!tr || !tr.contains(document.activeElement)) return;
+    const near = tr.nextElementSibling || tr.previousElementSibling;
+    tr.remove();
+    const next = near && near.querySelector("[data-role=delete]");
+    (next || $("list-h")).focus();
+  }
+
+  function rowOf(table, id) {
+    return [...table.tBodies[0].rows].find((tr) => tr.dataset.id === id) || null;
+  }
+
+  function buttonsFor(id) {
     const buttons = el("div", { class: "row-actions" });
-    const add = (label, fn, extra) => {
-      const b = el("button", Object.assign({ type: "button", class: "secondary", "aria-label": `${label} ${s.name}` }, extra || {}), label);
+    const add = (role, fn) => {
+      const b = el("button", { type: "button", class: "secondary", "data-role": role });
       b.addEventListener("click", fn);
       buttons.append(b);
     };
-    if (s.paused) add("Resume", () => action(s, "/resume", "resumed"));
-    else add("Pause", () => action(s, "/pause", "paused"));
-    add("Run now", () => action(s, "/run", "run now"));
-    add("History", () => showHistory(s));
-    add("Delete", () => {
-      if (window.confirm(`Delete schedule ${s.name} and its run history?`)) action(s, "", "deleted", { method: "DELETE" });
+    add("toggle", () => {
+      const s = schedules.get(id);
+      if (s) action(id, s.paused ? "/resume" : "/pause", s.paused ? "resumed" : "paused");
     });
-    const tr = el("tr", { "data-id": s.id, "data-paused": s.paused ? "true" : "false", class: selected === s.id ? "selected" : null },
-      el("td", {}, el("strong", {}, s.name), el("div", { class: "sub" }, el("code", {}, s.id)),
-         s.paused ? el("span", { class: "badge cancelled" }, "paused") : el("span", { class: "badge succeeded" }, "active")),
-      el("td", {}, when(s)),
-      el("td", {}, el("div", { class: "sub" }, kind), el("code", {}, value)),
-      el("td", {}, s.template.method.name, el("div", { class: "sub" }, `→ ${s.destination}`)),
-      el("td", { class: "last-run" }, ...(last ? [el("div", {}, ...outcome(last)), el("div", { class: "sub" }, MS.when(last.started_at)),
-                                                  jobLink(last.job_id, last.job_status)] : ["never run"])),
-      el("td", {}, buttons));
+    add("run", () => action(id, "/run", "run now"));
+    add("history", () => { if (schedules.get(id)) showHistory(schedules.get(id)); });
+    add("delete", () => {
+      const s = schedules.get(id);
+      if (s && window.confirm(`Delete schedule ${s.name} and its run history?`)) action(id, "", "deleted", { method: "DELETE" });
+    });
+    return buttons;
+  }
+
+  // a cell's content is replaced only when what it shows changed, so that a refresh keeps
+  // the elements (and the focus on one of them: a job link, a button) as they are
+  function fill(td, signature, ...content) {
+    if (td.dataset.shows === signature) return;
+    td.dataset.shows = signature;
+    td.replaceChildren(...content);
+  }
+
+  function row(s) {
+    let tr = rowOf($("schedules"), s.id);
+    if (!tr) {
+      tr = el("tr", { "data-id": s.id }, el("td", {}), el("td", {}), el("td", {}), el("td", {}),
+              el("td", { class: "last-run" }), el("td", {}, buttonsFor(s.id)));
+    }
+    const [kind, value] = collection(s.collection);
+    const last = s.last_run;
+    tr.dataset.paused = s.paused ? "true" : "false";
+    tr.classList.toggle("selected", selected === s.id);
+    const cells = tr.cells;
+    fill(cells[0], JSON.stringify([s.name, s.paused]), el("strong", {}, s.name), el("div", { class: "sub" }, el("code", {}, s.id)),
+         s.paused ? el("span", { class: "badge cancelled" }, "paused") : el("span", { class: "badge succeeded" }, "active"));
+    fill(cells[1], when(s), when(s));
+    fill(cells[2], JSON.stringify([kind, value]), el("div", { class: "sub" }, kind), el("code", {}, value));
+    fill(cells[3], JSON.stringify([s.template.method.name, s.destination]), s.template.method.name,
+         el("div", { class: "sub" }, `→ ${s.destination}`));
+    fill(cells[4], JSON.stringify(last || null), ...(last ? [el("div", {}, ...outcome(last)), el("div", { class: "sub" }, MS.when(last.started_at)),
+                                                            jobLink(last.job_id, last.job_status)] : ["never run"]));
+    const labels = { toggle: s.paused ? "Resume" : "Pause", run: "Run now", history: "History", delete: "Delete" };
+    for (const b of cells[5].querySelectorAll("button")) {
+      const label = labels[b.dataset.role];
+      if (b.textContent !== label) b.textContent = label;
+      if (b.getAttribute("aria-label") !== `${label} ${s.name}`) b.setAttribute("aria-label", `${label} ${s.name}`);
+    }
     return tr;
+  }
+
+  // put `rows` into `tbody` in this order, moving only what is out of place; the focused
+  // element, if a move took it out of the document for a moment, gets the focus back
+  function arrange(tbody, rows) {
+    const focused = document.activeElement;
+    rows.forEach((tr, i) => { if (tbody.rows[i] !== tr) tbody.insertBefore(tr, tbody.rows[i] || null); });
+    while (tbody.rows.length > rows.length) tbody.rows[rows.length].remove();
+    if (focused && focused !== document.activeElement && focused.isConnected) focused.focus({ preventScroll: true });
   }
 
   let generation = 0;  // only the latest refresh renders (a slow poll must not undo an action)
@@ -84,34 +142,42 @@
     try {
       const list = await api("/v1/schedules");
       if (mine !== generation) return;
-      const focused = document.activeElement && document.activeElement.getAttribute("aria-label");
-      $("schedules").tBodies[0].replaceChildren(...list.schedules.map(row));
-      if (focused) {
-        const again = [...document.querySelectorAll("#schedules button")].find((b) => b.getAttribute("aria-label") === focused);
-        if (again) again.focus();
-      }
+      schedules.clear();
+      for (const s of list.schedules) schedules.set(s.id, s);
+      arrange($("schedules").tBodies[0], list.schedules.map(row));
       if (!list.schedules.length) $("schedules-status").textContent = "No schedules yet.";
       if (selected) {
-        const s = list.schedules.find((x) => x.id === selected);
+        const s = schedules.get(selected);
         if (s) await loadRuns(s); else { selected = null; $("history").hidden = true; }
       }
     } catch (e) {
-      if (!(e instanceof MS.ApiError && e.status === 401)) MS.notice(`Cannot list schedules: ${MS.errorText(e)}`);
+      if (e instanceof MS.ApiError && e.status === 401) stop();
+      else MS.notice(`Cannot list schedules: ${MS.errorText(e)}`);
     }
   }
 
-  async function loadRuns(s) {
-    const answer = await api(`/v1/schedules/${s.id}/runs?limit=50`);
-    $("history-name").textContent = s.name;
-    $("runs").tBodies[0].replaceChildren(...answer.runs.map((r) => el("tr", { "data-id": r.id, "data-status": r.status },
+  function runRow(s, r) {
+    const signature = JSON.stringify([r, s.base]);
+    const old = rowOf($("runs"), r.id);
+    if (old && old.dataset.shows === signature) return old;
+    return el("tr", { "data-id": r.id, "data-status": r.status, "data-shows": signature },
       el("td", {}, MS.when(r.started_at)),
       el("td", {}, r.trigger),
       el("td", {}, ...outcome(r)),
       el("td", {}, r.merged.length ? r.merged.join(", ") : "",
          r.base && r.base !== s.base ? el("div", { class: "sub" }, `base: ${r.base}`) : "",
          r.left_out.length ? el("div", { class: "sub" }, `left out: ${r.left_out.map((l) => `${l.name || l.origin} (${l.reason})`).join("; ")}`) : ""),
-      el("td", {}, jobLink(r.job_id, r.job_status) || "—"))));
-    if (!answer.runs.length) $("runs").tBodies[0].append(el("tr", {}, el("td", { colspan: "5" }, "No runs yet.")));
+      el("td", {}, jobLink(r.job_id, r.job_status) || "—"));
+  }
+
+  async function loadRuns(s) {
+    const answer = await api(`/v1/schedules/${s.id}/runs?limit=50`);
+    if ($("history-name").textContent !== s.name) $("history-name").textContent = s.name;
+    const tbody = $("runs").tBodies[0];
+    if (tbody.dataset.schedule !== s.id) { tbody.replaceChildren(); tbody.dataset.schedule = s.id; }
+    const rows = answer.runs.map((r) => runRow(s, r));
+    if (!rows.length) rows.push(rowOf($("runs"), "none") || el("tr", { "data-id": "none" }, el("td", { colspan: "5" }, "No runs yet.")));
+    arrange(tbody, rows);
   }
 
   async function showHistory(s) {
@@ -166,22 +232,43 @@
       sources: "Sources (one per line: org/name[@revision] or absolute directory)" }[$("s-collection-kind").value];
   }
 
+  // polling stops when the key is refused (each poll would only be refused again) and starts
+  // again with the next key
+  let polling = false;
+  let chains = 0;
+  function stop() {
+    polling = false;
+    clearTimeout(timer);
+    $("schedules-status").textContent = "Enter an API key to see the schedules.";
+  }
+
   async function load() {
     try {
       const methods = await api("/v1/methods");
       $("s-method").replaceChildren(...methods.map((m) => el("option", { value: m.name }, m.name)));
       $("s-method").value = "task_arithmetic";
-    } catch (e) { return; }
-    await refresh();
+    } catch (e) {
+      if (e instanceof MS.ApiError && e.status === 401) stop();
+      return;
+    }
+    $("schedules-status").textContent = "";
+    polling = true;
     clearTimeout(timer);
-    const tick = async () => { if (!document.hidden) await refresh(); timer = setTimeout(tick, POLL_MS); };
-    timer = setTimeout(tick, POLL_MS);
+    await refresh();
+    const chain = ++chains;  // a tick still waiting on its refresh belongs to an older chain
+    const tick = async () => {
+      if (!polling || chain !== chains) return;
+      if (!document.hidden) await refresh();
+      if (polling && chain === chains) timer = setTimeout(tick, POLL_MS);
+    };
+    if (polling) timer = setTimeout(tick, POLL_MS);
   }
 
   $("create").addEventListener("submit", create);
   $("s-when-kind").addEventListener("change", labels);
   $("s-collection-kind").addEventListener("change", labels);
   document.addEventListener("ms:key", load);
+  document.addEventListener("ms:key-refused", stop);
   document.addEventListener("DOMContentLoaded", () => {
     if (MS.authRequired && !MS.key()) { $("schedules-status").textContent = "Enter an API key to see the schedules."; return; }
     load();

@@ -1,20 +1,42 @@
 """The Schedules page in a real headless Chromium against the real API, worker and Redis:
 create (and see the problems of a bad schedule), run now (a job, then a skip when nothing
 changed), the run history with its job link, pause and resume, delete. The ticks here are the
-API's "run now" (the schedule's own period is a day: no scheduler process is involved)."""
+API's "run now" (the schedule's own period is a day: no scheduler process is involved).
+The page refreshes itself every 5 s: a refresh never moves the focus (two schedules of the
+same name included), and a refused key stops the refreshing instead of pulling the focus to
+the key field at each one."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
-from playwright.sync_api import expect
+from playwright.sync_api import Page, expect
 
 from tests.dashboard.conftest import Tab
 from tests.service.conftest import Service
 
 pytestmark = pytest.mark.slow
+
+MARK_FOCUS = "() => { window.__focused = document.activeElement; }"
+SAME_FOCUS = "() => document.activeElement === window.__focused"
+
+
+def next_poll(page: Page, path: str = "/v1/schedules") -> None:
+    """Wait for the page's next refresh (a GET of `path`) to be answered and drawn."""
+    with page.expect_response(lambda r: r.url.endswith(path) and r.request.method == "GET",
+                              timeout=15_000):
+        pass
+    page.wait_for_timeout(300)
+
+
+def schedule_body(name: str, base: Path, collection: Path, out: Path) -> dict[str, Any]:
+    return {"name": name, "base": str(base), "collection": {"directory": str(collection)},
+            "template": {"method": {"name": "task_arithmetic"}, "output": {"format": "lora"},
+                         "options": {"device": "cpu"}},
+            "destination": str(out), "every_seconds": 86400}
 
 
 def test_create_run_now_history_pause_and_delete(tab: Tab, service: Service, minilm_dir: Path,
@@ -85,9 +107,17 @@ def test_create_run_now_history_pause_and_delete(tab: Tab, service: Service, min
     assert "skipped" in last_run and "unchanged" in last_run and "object" not in last_run
     tab.screenshot("3-history")
 
-    # pause, resume
+    # the focus on a job link of the history stays there through a refresh
+    history.nth(1).get_by_role("link").focus()
+    page.evaluate(MARK_FOCUS)
+    next_poll(page, f"/v1/schedules/{schedule_id}/runs?limit=50")
+    assert page.evaluate(SAME_FOCUS)
+
+    # pause, resume; the button pressed keeps the focus (it now says Resume)
     row.get_by_role("button", name="Pause nightly-ui").click()
     page.locator("#schedules tbody tr[data-paused=true]", has_text="nightly-ui").wait_for()
+    assert page.evaluate("document.activeElement.getAttribute('aria-label')") == \
+        "Resume nightly-ui"
     assert service.client("read").get(f"/v1/schedules/{schedule_id}"
                                       ).json()["paused"] is True
     page.get_by_role("button", name="Resume nightly-ui").click()
@@ -108,3 +138,85 @@ def test_create_run_now_history_pause_and_delete(tab: Tab, service: Service, min
     page.locator("#schedules-status", has_text="deleted").wait_for()
     expect(page.locator("#schedules tbody tr", has_text="nightly-ui")).to_have_count(0)
     assert service.client("read").get("/v1/schedules").json()["schedules"] == []
+
+
+def test_a_refresh_keeps_the_focus_on_the_same_schedule(tab: Tab, service: Service,
+                                                        minilm_dir: Path,
+                                                        minilm_adapters: dict[str, Path],
+                                                        tmp_path: Path) -> None:
+    """Two schedules named alike: the focus stays on the second one's button through the
+    refreshes, and Enter acts on the second one."""
+    page = tab.page
+    collection = tmp_path / "adapters"
+    shutil.copytree(minilm_adapters["qv"], collection / "qv")
+    with service.client("submit") as http:
+        ids = []
+        for k in range(2):
+            created = http.post("/v1/schedules", json=schedule_body(
+                "twin", minilm_dir, collection, tmp_path / f"out{k}"))
+            assert created.status_code == 201, created.text
+            ids.append(created.json()["id"])
+        try:
+            tab.goto("/schedules")
+            tab.log_in("submit")
+            expect(page.locator("#schedules tbody tr", has_text="twin")).to_have_count(2)
+            # newest first: the second one created is the first row
+            second = page.locator(f"#schedules tbody tr[data-id='{ids[1]}']")
+            first = page.locator(f"#schedules tbody tr[data-id='{ids[0]}']")
+            first.get_by_role("button", name="Pause twin").focus()
+            page.evaluate(MARK_FOCUS)
+            next_poll(page)
+            assert page.evaluate(SAME_FOCUS)
+            assert page.evaluate("document.activeElement.closest('tr').dataset.id") == ids[0]
+
+            page.keyboard.press("Enter")
+            page.locator(f"#schedules tbody tr[data-id='{ids[0]}'][data-paused=true]").wait_for()
+            assert http.get(f"/v1/schedules/{ids[0]}").json()["paused"] is True
+            assert http.get(f"/v1/schedules/{ids[1]}").json()["paused"] is False
+            # the same button, now "Resume", still has the focus, through a refresh as well
+            assert page.evaluate(SAME_FOCUS)
+            assert page.evaluate("document.activeElement.textContent") == "Resume"
+            next_poll(page)
+            assert page.evaluate(SAME_FOCUS)
+            assert second.get_attribute("data-paused") == "false"
+            tab.screenshot("twins")
+        finally:
+            for schedule_id in ids:
+                http.delete(f"/v1/schedules/{schedule_id}")
+
+
+def test_a_refused_key_stops_the_refresh_and_leaves_the_focus(tab: Tab, service: Service
+                                                              ) -> None:
+    page = tab.page
+    tab.goto("/schedules")
+    tab.log_in("read")
+    page.locator("#s-method option[value=task_arithmetic]").wait_for(state="attached")
+    next_poll(page)
+    # the server no longer knows this tab's key (as after a key rotation)
+    page.evaluate("sessionStorage.setItem('merge-service.api-key', 'rotated-away')")
+    page.evaluate("""() => {
+      window.__notices = [];
+      const box = document.getElementById('notice');
+      new MutationObserver(() => window.__notices.push(box.textContent))
+        .observe(box, {childList: true, characterData: true, subtree: true});
+    }""")
+    name = page.get_by_label("Name", exact=True)
+    name.click()
+    page.keyboard.type("typing here")
+    page.locator("#notice", has_text="refused").wait_for(timeout=15_000)
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url) if "/v1/" in r.url else None)
+    page.keyboard.type(" still")
+    page.wait_for_timeout(11_000)  # two refresh periods
+    assert requests == []  # the refresh stopped
+    assert page.evaluate("document.activeElement.id") == "s-name"
+    assert name.input_value() == "typing here still"
+    assert len(page.evaluate("window.__notices")) == 1  # announced once
+    assert page.locator("#key-form").is_visible()
+    tab.screenshot("refused")
+
+    # a key again: the list refreshes again
+    tab.log_in("read")
+    next_poll(page)
+    assert page.locator("#notice").is_hidden()
+    next_poll(page)
