@@ -107,7 +107,7 @@ options:
         .filter((b) => p[b] !== undefined).map((b) => `${b} ${p[b]}`);
       const type = typeof p.type === "string" ? p.type : JSON.stringify(p.type);
       params.append(el("dt", {}, name),
-                    el("dd", {}, `${type}, default ${JSON.stringify(p.default)}`,
+                    el("dd", {}, p.default === undefined ? `${type}, required (no default)` : `${type}, default ${JSON.stringify(p.default)}`,
                        bounds.length ? ` (${bounds.join(", ")})` : "",
                        p.enum ? ` one of ${p.enum.join(", ")}` : "",
                        p.description ? el("div", { class: "muted" }, p.description) : null));
@@ -117,14 +117,75 @@ options:
                         Object.keys(m.params).length ? params : el("p", { class: "muted" }, "No parameters."));
   }
 
-  // replace the top-level `method:` block (up to the next top-level key) with the chosen
-  // method and its defaults; JSON values are valid YAML
+  // A spec as block YAML, for "Edit as new merge" (a job's spec is JSON; the editor, its
+  // line numbers and "Use this method" work on YAML). Plain scalars only where YAML 1.1 (the
+  // server's PyYAML) reads them back as the same string; everything else JSON-quoted, which is
+  // valid YAML.
+  const YAML_WORDS = /^(?:y|n|yes|no|on|off|true|false|null|~)$/i;
+  function yamlString(v) {
+    return /^(?:[A-Za-z_/]|\.{1,2}\/)[\w./@+-]*$/.test(v) && !YAML_WORDS.test(v) ? v : JSON.stringify(v);
+  }
+  function yamlScalar(v) {
+    if (typeof v === "string") return yamlString(v);
+    if (typeof v === "number") {
+      const t = String(v);  // YAML 1.1 wants a point in a float with an exponent: 1e-7 -> 1.0e-7
+      return /e/.test(t) && !/\./.test(t) ? t.replace("e", ".0e") : t;
+    }
+    if (Array.isArray(v)) return "[]";
+    if (v && typeof v === "object") return "{}";
+    return JSON.stringify(v);  // true, false, null
+  }
+  const nested = (v) => v !== null && typeof v === "object" && Object.keys(v).length > 0;
+  function yamlLines(value, indent) {
+    const pad = " ".repeat(indent);
+    const out = [];
+    if (Array.isArray(value)) {
+      for (const item of value) {
+        if (!nested(item)) { out.push(`${pad}- ${yamlScalar(item)}`); continue; }
+        const inner = yamlLines(item, indent + 2);
+        out.push(`${pad}- ${inner[0].slice(indent + 2)}`, ...inner.slice(1));
+      }
+      return out;
+    }
+    for (const [k, v] of Object.entries(value)) {
+      const key = /^[A-Za-z_][\w.-]*$/.test(k) && !YAML_WORDS.test(k) ? k : JSON.stringify(k);
+      if (nested(v)) out.push(`${pad}${key}:`, ...yamlLines(v, indent + 2));
+      else out.push(`${pad}${key}: ${yamlScalar(v)}`);
+    }
+    return out;
+  }
+  function toYaml(value) { return `${yamlLines(value, 0).join("\n")}\n`; }
+
+  // the spec text as a JSON object, when it is one (null for YAML)
+  function asJson(value) {
+    if (!/^\s*\{/.test(value)) return null;
+    try {
+      const parsed = JSON.parse(value);
+      return parsed && typeof parsed === "object" && !Array.isArray(parsed) ? parsed : null;
+    } catch (e) { return null; }
+  }
+
+  // Put the chosen method and its defaults into the spec: in a JSON spec, its `method`
+  // object; in YAML, the top-level `method:` block (up to the next top-level key). A parameter
+  // without a default is left for the author: a comment in YAML, a note under the editor.
   function useMethod() {
     const m = methods.find((x) => x.name === $("method-select").value);
     if (!m) return;
     const params = Object.entries(m.params);
-    const block = [`method:`, `  name: ${m.name}`, params.length ? `  params:` : `  params: {}`,
-                   ...params.map(([k, p]) => `    ${k}: ${JSON.stringify(p.default)}`)].join("\n");
+    const given = params.filter(([, p]) => p.default !== undefined);
+    const required = params.filter(([, p]) => p.default === undefined).map(([k]) => k);
+    const json = asJson(text.value);
+    if (json) {
+      json.method = { name: m.name, params: Object.fromEntries(given.map(([k, p]) => [k, p.default])) };
+      text.value = `${JSON.stringify(json, null, 2)}\n`;
+      done(m, required);
+      return;
+    }
+    const typeOf = (p) => (typeof p.type === "string" ? p.type : JSON.stringify(p.type || "a value"));
+    const block = [`method:`, `  name: ${m.name}`, given.length ? `  params:` : `  params: {}`,
+                   ...given.map(([k, p]) => `    ${k}: ${typeof p.default === "number" ? yamlScalar(p.default) : JSON.stringify(p.default)}`),
+                   ...params.filter(([, p]) => p.default === undefined)
+                     .map(([k, p]) => `    # ${k}: <${typeOf(p)}>  (no default: required)`)].join("\n");
     const lines = text.value.split("\n");
     const start = lines.findIndex((l) => /^method\s*:/.test(l));
     if (start < 0) {
@@ -135,7 +196,14 @@ options:
       lines.splice(start, end - start, block);
       text.value = lines.join("\n");
     }
-    result.replaceChildren(el("p", { class: "muted" }, `Method set to ${m.name}. Not checked yet.`));
+    done(m, required);
+  }
+
+  function done(m, required) {
+    const note = required.length
+      ? ` ${required.join(", ")} ${required.length > 1 ? "have" : "has"} no default: add ${required.length > 1 ? "them" : "it"} under method.params.`
+      : "";
+    result.replaceChildren(el("p", { class: "muted", id: "method-note" }, `Method set to ${m.name}. Not checked yet.${note}`));
     text.focus();
   }
 
@@ -151,7 +219,7 @@ options:
     if (from && /^[0-9a-f]{20}$/.test(from)) {
       try {
         const job = await api(`/v1/jobs/${from}`);
-        text.value = `${JSON.stringify(job.spec, null, 2)}\n`;  // JSON is YAML
+        text.value = toYaml(job.spec);
       } catch (e) {
         MS.notice(`Cannot load job ${from}: ${MS.errorText(e)}`);
       }
