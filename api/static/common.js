@@ -40,6 +40,17 @@ const MS = (() => {
     box.hidden = !message;
   }
 
+  // the state of the live connections, shown and announced (role=status) while one is down
+  let connectionTimer = null;
+  function connection(message, fadeMs) {
+    const box = document.getElementById("connection");
+    if (!box) return;
+    clearTimeout(connectionTimer);
+    if (box.textContent !== (message || "")) box.textContent = message || "";
+    box.classList.toggle("on", Boolean(message));
+    if (message && fadeMs) connectionTimer = setTimeout(() => connection(""), fadeMs);
+  }
+
   // A refused key: the prompt comes back, once. Focus moves to it only when it has nowhere
   // else to be (the key form's own button, or nothing): a poll that fails must not pull focus
   // from what someone is doing. Pages stop polling on `ms:key-refused` and start again on
@@ -76,18 +87,38 @@ const MS = (() => {
   }
 
   // Server-Sent Events over fetch (EventSource cannot send Authorization). Reconnects with
-  // Last-Event-ID until the stream ends after a terminal state or `signal` aborts.
+  // Last-Event-ID until the stream ends after a terminal state or `signal` aborts; while it is
+  // down (a dropped connection, a 5xx) the page says so. A refused key (401, 403) ends it
+  // with the key prompt; the page starts it again on `ms:key`.
   async function events(path, onEvent, signal) {
+    try {
+      await follow(path, onEvent, signal);
+    } finally {
+      connection("");
+    }
+  }
+
+  async function follow(path, onEvent, signal) {
     let lastId = null;
     let lastTry = false;
+    let down = false;
     for (let attempt = 0; !signal.aborted; attempt++) {
       let finished = false;
+      let failed = false;  // a network error or an error status, not a stream the server closed
       try {
         const h = headers({ Accept: "text/event-stream" });
         if (lastId) h["Last-Event-ID"] = lastId;
         const response = await fetch(path, { headers: h, signal });
-        if (response.status === 401) { needKey(); return; }
+        if (response.status === 401) {
+          needKey(key() ? "That API key was refused; enter another." : "This server needs an API key.");
+          return;
+        }
+        if (response.status === 403) {
+          needKey("This API key may not read this job's events; enter another.");
+          return;
+        }
         if (!response.ok) throw new ApiError(response.status, null);
+        if (down) { down = false; connection("Live updates reconnected.", 4000); }
         const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
         let buffer = "";
         for (;;) {
@@ -119,12 +150,15 @@ const MS = (() => {
       } catch (e) {
         if (signal.aborted) return;
         if (e instanceof ApiError && e.status === 404) throw e;
+        failed = true;
       }
       // the server closes the stream after the terminal event (or when the job had already
       // ended); anything else was a dropped connection: resume after the last event seen
       if (finished || signal.aborted) return;
+      if (!lastTry) { down = true; connection("Live updates lost; reconnecting…"); }
       await new Promise((r) => setTimeout(r, Math.min(500 * 2 ** attempt, 8000)));
-      if (await jobEnded(path)) {
+      // a server that is down says nothing about the job: keep trying until it answers
+      if (!failed && await jobEnded(path)) {
         if (lastTry) return;
         lastTry = true;  // one more read delivers the events up to the end
       }

@@ -1,6 +1,8 @@
 // One job: the record (GET /v1/jobs/{id}), then live through its event stream; the timeline
 // is built from the state events (a stream id starts with the event's time in ms); the report
-// is fetched and charted once the job has succeeded.
+// is fetched and charted once the job has succeeded. The stream starts at the job's first
+// event: those the record already holds only fill the timeline (no render, no announcement);
+// the page renders at most once per animation frame, however fast events come.
 "use strict";
 
 (() => {
@@ -123,6 +125,19 @@
     }
   }
 
+  // one render per animation frame; a hidden tab gets no frames, so a timer stands in
+  let frame = null;
+  function renderSoon() {
+    if (frame) return;
+    const run = () => { cancelAnimationFrame(frame.raf); clearTimeout(frame.timer); frame = null; render(); };
+    frame = { raf: requestAnimationFrame(run), timer: setTimeout(run, 250) };
+  }
+
+  // what the loaded record shows: replayed events up to it are history, not news
+  function progressKey(p) {
+    return p && p.stage ? `${p.stage}|${p.done}|${p.total}` : "";
+  }
+
   async function load() {
     try {
       job = await api(`/v1/jobs/${id}`);
@@ -134,15 +149,32 @@
     if (stream) stream.abort();
     stream = new AbortController();
     $("timeline").replaceChildren();
+    // Replay ends at the event that brings the stream to the record's status and progress, or,
+    // should that never match (a record changed without an event), at the first event that
+    // comes later than the backlog (which the server sends at once).
+    const loaded = { status: job.status, progress: progressKey(job.progress) };
+    const seen = { status: null, progress: "" };
+    let replaying = true;
+    let firstAt = null;
     try {
       await MS.events(`/v1/jobs/${id}/events`, (ev) => {
-        if (ev.type === "state") {
-          addTimeline(ev.id, ev.data);
-          Object.assign(job, ev.data);
-        } else if (ev.type === "progress") {
-          job.progress = ev.data;
+        const now = performance.now();
+        if (firstAt === null) firstAt = now;
+        if (replaying && now - firstAt > 1000) replaying = false;
+        if (ev.type === "state") addTimeline(ev.id, ev.data);
+        if (replaying) {
+          // a worker starting the job sets the record's progress to "resolving" without a
+          // progress event (workers/runner.py)
+          if (ev.type === "state") {
+            seen.status = ev.data.status;
+            if (seen.status === "validating") seen.progress = "resolving|0|0";
+          } else if (ev.type === "progress") seen.progress = progressKey(ev.data);
+          if (seen.status === loaded.status && seen.progress === loaded.progress) replaying = false;
+          return;
         }
-        render();
+        if (ev.type === "state") Object.assign(job, ev.data);
+        else if (ev.type === "progress") job.progress = ev.data;
+        renderSoon();
       }, stream.signal);
     } catch (e) {
       MS.notice(`The event stream failed: ${MS.errorText(e)}`);

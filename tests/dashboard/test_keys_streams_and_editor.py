@@ -18,6 +18,9 @@ from tests.service.conftest import Inputs, Service, spec_body
 
 pytestmark = pytest.mark.slow
 
+EVENTS = "**/v1/jobs/*/events"
+
+
 @pytest.fixture(scope="module")
 def finished_job(service: Service, minilm_inputs: Inputs,
                  tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
@@ -30,6 +33,72 @@ def finished_job(service: Service, minilm_inputs: Inputs,
         record = service.wait_terminal(job_id, timeout=300)
         assert record.status == "succeeded", record.error
         return dict(http.get(f"/v1/jobs/{job_id}").json())
+
+
+def test_replayed_events_are_not_announced(tab: Tab, finished_job: dict[str, Any]) -> None:
+    page = tab.page
+    # watch what the live region says and how often the page renders, from the first moment
+    page.add_init_script("""document.addEventListener('DOMContentLoaded', () => {
+      window.__said = []; window.__renders = 0;
+      const say = document.getElementById('announce');
+      new MutationObserver(() => window.__said.push(say.textContent))
+        .observe(say, {childList: true, characterData: true, subtree: true});
+      new MutationObserver(() => window.__renders++).observe(
+        document.getElementById('progress-text'),
+        {childList: true, characterData: true, subtree: true});
+    })""")
+    tab.goto(f"/jobs/{finished_job['id']}")
+    tab.log_in("read")
+    timeline = page.locator("#timeline li")
+    expect(timeline).to_have_count(4)  # the whole stream, replayed
+    page.wait_for_timeout(500)
+    assert timeline.evaluate_all("items => items.map(i => i.dataset.status)") == \
+        ["queued", "validating", "running", "succeeded"]
+    assert page.evaluate("window.__said") == ["Job succeeded."]
+    assert page.evaluate("window.__renders") == 1
+    tab.screenshot("replayed")
+
+
+def test_a_dropped_stream_says_reconnecting_until_it_is_back(tab: Tab,
+                                                             finished_job: dict[str, Any]
+                                                             ) -> None:
+    page = tab.page
+    tab.goto("/new")
+    tab.log_in("read")
+    page.route(EVENTS, lambda route: route.fulfill(status=503, body=""))
+    tab.goto(f"/jobs/{finished_job['id']}")
+    status = page.get_by_role("status").filter(has_text="reconnecting")
+    status.wait_for()
+    assert status.is_visible()
+    page.wait_for_timeout(1500)  # still trying, still saying so (the job had ended: no matter)
+    assert status.is_visible()
+    tab.screenshot("1-reconnecting")
+    page.unroute(EVENTS)
+    expect(page.locator("#timeline li")).to_have_count(4, timeout=20_000)
+    expect(page.locator("#connection")).to_have_text("")
+    assert page.locator("#connection").bounding_box()["height"] == 0  # type: ignore[index]
+    tab.screenshot("2-back")
+
+
+def test_a_stream_refused_with_403_asks_for_a_key(tab: Tab,
+                                                  finished_job: dict[str, Any]) -> None:
+    page = tab.page
+    tab.goto("/new")
+    tab.log_in("read")
+    calls: list[str] = []
+
+    def refuse(route: Route) -> None:
+        calls.append(route.request.url)
+        route.fulfill(status=403, json={"error": {"type": "Forbidden", "message": "no"}})
+
+    page.route(EVENTS, refuse)
+    tab.goto(f"/jobs/{finished_job['id']}")
+    page.locator("#notice", has_text="may not read").wait_for()
+    assert page.locator("#key-form").is_visible()
+    assert page.evaluate("document.activeElement.id") == "api-key"
+    page.wait_for_timeout(2000)
+    assert len(calls) == 1  # not retried
+    assert page.get_by_role("status").filter(has_text="reconnecting").count() == 0
 
 
 def with_required_param(route: Route) -> None:
