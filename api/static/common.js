@@ -1,5 +1,7 @@
-// merge-service dashboard: what every page shares. The API key lives in sessionStorage (this
-// tab only) and goes out as a Bearer token; everything else is plain fetch against /v1.
+// merge-service dashboard: what every page shares. The API key lives in sessionStorage and
+// goes out as a Bearer token; everything else is plain fetch against /v1. sessionStorage is per
+// tab, so a new tab (a job opened in one) asks the open tabs of this origin for the key over a
+// BroadcastChannel: the key is entered once per browser session and never written to disk.
 "use strict";
 
 const MS = (() => {
@@ -18,6 +20,31 @@ const MS = (() => {
   }
 
   function key() { return sessionStorage.getItem(KEY) || ""; }
+
+  // the key shared between this origin's tabs: a tab without one asks, a tab with one answers;
+  // "Forget key" forgets it in every tab
+  const channel = "BroadcastChannel" in window ? new BroadcastChannel(KEY) : null;
+
+  function adoptKey(value) {
+    sessionStorage.setItem(KEY, value);
+    notice("");
+    showKeyState();
+    document.dispatchEvent(new CustomEvent("ms:key"));
+  }
+
+  if (channel) {
+    channel.onmessage = (ev) => {
+      const m = ev.data || {};
+      if (m.type === "ask" && key()) channel.postMessage({ type: "key", key: key() });
+      else if (m.type === "key" && typeof m.key === "string" && m.key && !key()) adoptKey(m.key);
+      else if (m.type === "forget" && key()) {
+        sessionStorage.removeItem(KEY);
+        showKeyState();
+        if (authRequired) notice("The API key was forgotten in another tab. Enter an API key to continue.");
+        document.dispatchEvent(new CustomEvent("ms:key-refused"));
+      }
+    };
+  }
 
   function headers(extra) {
     const h = Object.assign({}, extra || {});
@@ -235,17 +262,17 @@ const MS = (() => {
       const input = document.getElementById("api-key");
       const value = input.value.trim();
       if (!value) return;
-      sessionStorage.setItem(KEY, value);
       input.value = "";
-      notice("");
-      showKeyState();
-      document.dispatchEvent(new CustomEvent("ms:key"));
+      adoptKey(value);
+      if (channel) channel.postMessage({ type: "key", key: value });  // tabs still waiting for one
     });
     document.getElementById("forget-key").addEventListener("click", () => {
       sessionStorage.removeItem(KEY);
       showKeyState();
+      if (channel) channel.postMessage({ type: "forget" });
       if (authRequired) needKey("Key forgotten. Enter an API key to continue.");
     });
+    if (authRequired && !key() && channel) channel.postMessage({ type: "ask" });
   });
 
   return { api, events, el, duration, when, parseTime, progressText, fraction, errorText,

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import yaml
-from playwright.sync_api import Route, expect
+from playwright.sync_api import Browser, Route, expect
 
 from tests.dashboard.conftest import Tab
 from tests.service.conftest import Inputs, Service, spec_body
@@ -33,6 +34,56 @@ def finished_job(service: Service, minilm_inputs: Inputs,
         record = service.wait_terminal(job_id, timeout=300)
         assert record.status == "succeeded", record.error
         return dict(http.get(f"/v1/jobs/{job_id}").json())
+
+
+@pytest.fixture
+def two_tabs(browser: Browser, service: Service, request: pytest.FixtureRequest
+             ) -> Iterator[tuple[Tab, Tab]]:
+    """Two tabs of one browser session (one Playwright context)."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    tabs = []
+    for k in (1, 2):
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        tabs.append(Tab(page, service.url, f"{request.node.name.removeprefix('test_')}-{k}"))
+    yield tabs[0], tabs[1]
+    for t in tabs:
+        t.screenshot("end")
+    context.close()
+    assert [t.errors for t in tabs] == [[], []]
+
+
+def test_a_new_tab_gets_the_key_from_an_open_tab(two_tabs: tuple[Tab, Tab], browser: Browser,
+                                                 service: Service,
+                                                 finished_job: dict[str, Any]) -> None:
+    first, second = two_tabs
+    first.goto("/new")
+    first.log_in("read")
+    # a job opened in a new tab: no prompt, the job is shown
+    second.goto(f"/jobs/{finished_job['id']}")
+    second.page.locator("#job-status", has_text="succeeded").wait_for()
+    assert second.page.locator("#key-set").is_visible()
+    assert second.page.locator("#key-form").is_hidden()
+    # kept in the session only: nothing in localStorage or cookies
+    assert second.page.evaluate("localStorage.length + document.cookie.length") == 0
+    second.screenshot("1-shared")
+
+    # "Forget key" in one tab forgets it in the other
+    second.page.get_by_role("button", name="Forget key").click()
+    first.page.locator("#key-form").wait_for(state="visible")
+    assert first.page.evaluate("sessionStorage.length") == 0
+
+    # another browser session (context) has no key to share: it asks
+    other = browser.new_context()
+    try:
+        page = other.new_page()
+        page.goto(f"{service.url}/jobs/{finished_job['id']}")
+        page.locator("#key-form").wait_for(state="visible")
+        page.wait_for_timeout(500)
+        assert page.locator("#key-form").is_visible()
+        assert page.locator("#job-status").inner_text() == "loading"
+    finally:
+        other.close()
 
 
 def test_replayed_events_are_not_announced(tab: Tab, finished_job: dict[str, Any]) -> None:
