@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -27,7 +28,9 @@ from merge_service.spec import JobSpec
 from workers.celery_app import RUN_JOB
 from workers.jobs import (
     TERMINAL,
+    IdempotencyClaim,
     IdempotencyConflict,
+    IdempotencyInProgress,
     JobError,
     JobRecord,
     JobStore,
@@ -35,6 +38,7 @@ from workers.jobs import (
 )
 
 log = logging.getLogger("merge_service.api")
+IDEMPOTENCY_WAIT_S = 10.0  # a duplicate request waits this long for the first one's job
 
 
 class JobService:
@@ -47,34 +51,61 @@ class JobService:
 
     def submit(self, spec: JobSpec, principal: Principal, idempotency_key: str | None = None,
                schedule_id: str | None = None) -> tuple[JobRecord, bool]:
-        """Preflight, store, enqueue. Returns the job and whether it was an idempotent replay."""
-        idempotency = None
+        """Preflight, store, enqueue. Returns the job and whether it was an idempotent replay.
+
+        An `Idempotency-Key` is looked up first: a replay gets the job the key created even
+        once that job has written its destination (which preflight would now refuse). The key
+        is claimed until this request ends; it ends pointing at a queued job, or free again."""
+        claim = None
         if idempotency_key is not None:
             digest = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
-            idempotency = (f"{principal.name}:{idempotency_key}", digest)
-        resolved = self.preflight(spec)
-        queue = self.queue_for(spec.options.device)
+            earlier = self.claim_idempotency(f"{principal.name}:{idempotency_key}", digest)
+            if isinstance(earlier, JobRecord):
+                return earlier, True
+            claim = earlier
+        record = None
         try:
-            record, replayed = self.store.create(resolved, queue=queue,
-                                                 submitted_by=principal.name,
-                                                 schedule_id=schedule_id,
-                                                 idempotency=idempotency)
-        except IdempotencyConflict as exc:
-            raise Conflict(f"Idempotency-Key was already used for job {exc} with a different "
-                           "spec", type="IdempotencyConflict") from None
-        if replayed:
-            return record, True
-        try:
-            self.celery.send_task(RUN_JOB, args=[record.id], task_id=record.id, queue=queue)
-        except Exception as exc:
-            log.exception("job %s: cannot enqueue", record.id)
-            self.store.transition(record.id, "failed", {"queued"},
-                                  finished_at=timestamp(),
-                                  error=JobError(type="EnqueueError",
-                                                 message="the broker refused the job").model_dump())
-            raise Unavailable("the job could not be queued: the broker is unavailable") from exc
+            resolved = self.preflight(spec)
+            queue = self.queue_for(spec.options.device)
+            try:
+                record = self.store.create(resolved, queue=queue, submitted_by=principal.name,
+                                           schedule_id=schedule_id, idempotency=claim)
+            except IdempotencyInProgress:
+                raise Conflict("the claim on this Idempotency-Key expired while the request "
+                               "ran; submit again", type="IdempotencyInProgress") from None
+            try:
+                self.celery.send_task(RUN_JOB, args=[record.id], task_id=record.id,
+                                      queue=queue)
+            except Exception as exc:
+                log.exception("job %s: cannot enqueue", record.id)
+                self.store.transition(record.id, "failed", {"queued"},
+                                      finished_at=timestamp(),
+                                      error=JobError(type="EnqueueError",
+                                                     message="the broker refused the job"
+                                                     ).model_dump())
+                raise Unavailable("the job could not be queued: the broker is unavailable"
+                                  ) from exc
+        except BaseException:
+            if claim is not None:  # no queued job came of it: the key may be used again
+                self.store.release_idempotency(claim, record.id if record else None)
+            raise
         self.metrics.submitted.labels(queue).inc()
         return record, False
+
+    def claim_idempotency(self, key: str, digest: str) -> IdempotencyClaim | JobRecord:
+        """The job an earlier request with this key created, or the key claimed for a new
+        one. A request with the same key and body still running is waited for a while."""
+        deadline = time.monotonic() + IDEMPOTENCY_WAIT_S
+        while True:
+            try:
+                return self.store.claim_idempotency(key, digest)
+            except IdempotencyConflict as exc:
+                raise Conflict(str(exc), type="IdempotencyConflict") from None
+            except IdempotencyInProgress as exc:
+                if time.monotonic() > deadline:
+                    raise Conflict(f"{exc}; try again later",
+                                   type="IdempotencyInProgress") from None
+            time.sleep(0.05)
 
     def preflight(self, spec: JobSpec) -> JobSpec:
         """Every problem of the spec, or the spec to store: sources pinned, local paths

@@ -16,7 +16,8 @@ Keys (prefix `ms:`):
 - `job:{id}:cancel`, `job:{id}:lock`, `job:{id}:report`: cancel flag; the lock a running
   worker holds and refreshes (its expiry means the worker died); the finished job's
   `merge_report.json`.
-- `idem:{scope}:{digest}`: an `Idempotency-Key` and the job it created, for a day.
+- `idem:{scope}:{digest}`: an `Idempotency-Key` and the job it created, for a day; while the
+  request that claimed the key runs, `pending:{token}:{body digest}`.
 - `workers`, `worker:{name}`: live workers (last heartbeat, queues) for routing and readiness.
 """
 
@@ -27,6 +28,7 @@ import json
 import re
 import secrets
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -44,6 +46,7 @@ TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE = frozenset({"validating", "running", "pushing"})  # a worker holds the job
 JOB_ID = re.compile(r"^[0-9a-f]{20}$")
 IDEMPOTENCY_TTL_S = 24 * 3600
+IDEMPOTENCY_PENDING_S = 600  # a claim whose request died (API killed mid-submit) is freed then
 EVENTS_MAXLEN = 10_000  # progress is per tensor; the terminal event is always the last one
 ALL_EVENTS_MAXLEN = 10_000  # the list stream: a client further behind refreshes its list
 
@@ -119,6 +122,22 @@ class IdempotencyConflict(Exception):
     """The same Idempotency-Key was used before with a different body."""
 
 
+class IdempotencyInProgress(Exception):
+    """The same Idempotency-Key and body are being submitted by a request still running."""
+
+
+@dataclass(frozen=True)
+class IdempotencyClaim:
+    """An `Idempotency-Key` claimed for a job not created yet (`JobStore.claim_idempotency`)."""
+
+    key: str  # the Redis key
+    digest: str  # of the request body
+    value: str  # what the key holds until the job is created: `pending:{token}:{digest}`
+
+    def job_value(self, job_id: str) -> str:
+        return f"{job_id}:{self.digest}"
+
+
 class JobStore:
     def __init__(self, client: redis.Redis, prefix: str = "ms:") -> None:
         self.r = client
@@ -130,6 +149,9 @@ class JobStore:
         self._release = client.register_script(
             "if redis.call('get', KEYS[1]) == ARGV[1] then "
             "return redis.call('del', KEYS[1]) else return 0 end")
+        self._swap = client.register_script(
+            "if redis.call('get', KEYS[1]) == ARGV[1] then "
+            "return redis.call('set', KEYS[1], ARGV[2], 'px', ARGV[3]) else return 0 end")
 
     @classmethod
     def from_url(cls, url: str) -> JobStore:
@@ -163,48 +185,72 @@ class JobStore:
 
     def create(self, spec: JobSpec, *, queue: str, submitted_by: str | None = None,
                schedule_id: str | None = None,
-               idempotency: tuple[str, str] | None = None) -> tuple[JobRecord, bool]:
-        """Store a new queued job; return it and whether it is a replay of an earlier request.
-
-        `idempotency` = (scoped key, digest of the body): a key seen before returns the job it
-        created (or raises `IdempotencyConflict` when the body differs)."""
+               idempotency: IdempotencyClaim | None = None) -> JobRecord:
+        """Store a new queued job. With `idempotency` (a claim), the key is pointed at the job
+        in the same transaction that stores it: a concurrent request with the same key sees
+        either the claim (and waits) or the job, never a key without its job."""
         record = JobRecord(id=new_job_id(), name=spec.name, status="queued", spec=spec,
                            created_at=now(), schedule_id=schedule_id)
-        if idempotency is not None:
-            key, digest = idempotency
-            idem_key = f"{self.p}idem:{hashlib.sha256(key.encode()).hexdigest()}"
-            claimed = self.r.set(idem_key, f"{record.id}:{digest}", nx=True,
-                                 ex=IDEMPOTENCY_TTL_S)
-            if not claimed:
-                earlier = self._idempotent_job(idem_key, digest)
-                if earlier is not None:
-                    return earlier, True
-                # the earlier job expired or its request failed half-way: take the key over
-                self.r.set(idem_key, f"{record.id}:{digest}", ex=IDEMPOTENCY_TTL_S)
         fields = _encode(record.model_dump(mode="json"))
         fields |= {"_submitted_by": json.dumps(submitted_by), "_attempts": "0",
                    "_queue": json.dumps(queue)}
-        pipe = self.r.pipeline()
-        pipe.hset(self.job_key(record.id), mapping=fields)
-        pipe.zadd(self._index(), {record.id: 0})
-        pipe.zadd(self._index(status="queued"), {record.id: 0})
-        if record.name is not None:
-            pipe.zadd(self._index(name=record.name), {record.id: 0})
-        self._add_event(pipe, record.id, "state", _state_data(record.model_dump(mode="json")))
-        pipe.execute()
-        return record, False
 
-    def _idempotent_job(self, idem_key: str, digest: str) -> JobRecord | None:
-        stored = self.r.get(idem_key)
-        if stored is None:
-            return None
-        job_id, _, stored_digest = stored.partition(":")
-        record = self.get(job_id)
-        if record is None:
-            return None
-        if stored_digest != digest:
-            raise IdempotencyConflict(job_id)
+        def store(pipe: redis.client.Pipeline) -> None:
+            if idempotency is not None and pipe.get(idempotency.key) != idempotency.value:
+                raise IdempotencyInProgress("the claim on the Idempotency-Key expired")
+            pipe.multi()
+            pipe.hset(self.job_key(record.id), mapping=fields)
+            pipe.zadd(self._index(), {record.id: 0})
+            pipe.zadd(self._index(status="queued"), {record.id: 0})
+            if record.name is not None:
+                pipe.zadd(self._index(name=record.name), {record.id: 0})
+            self._add_event(pipe, record.id, "state",
+                            _state_data(record.model_dump(mode="json")))
+            if idempotency is not None:
+                pipe.set(idempotency.key, idempotency.job_value(record.id),
+                         ex=IDEMPOTENCY_TTL_S)
+
+        self.r.transaction(store, *([idempotency.key] if idempotency is not None else []))
         return record
+
+    def _idem_key(self, key: str) -> str:
+        return f"{self.p}idem:{hashlib.sha256(key.encode()).hexdigest()}"
+
+    def claim_idempotency(self, key: str, digest: str) -> IdempotencyClaim | JobRecord:
+        """Claim the scoped `Idempotency-Key` `key` for a new job, or return the job that an
+        earlier request with this key and body created. Raises `IdempotencyConflict` (the
+        key was used with another body) or `IdempotencyInProgress` (a request with this key
+        and body is still running: its job does not exist yet)."""
+        idem_key = self._idem_key(key)
+        claim = IdempotencyClaim(idem_key, digest, f"pending:{secrets.token_hex(8)}:{digest}")
+        while True:
+            if self.r.set(idem_key, claim.value, nx=True, px=IDEMPOTENCY_PENDING_S * 1000):
+                return claim
+            stored = self.r.get(idem_key)
+            if stored is None:
+                continue  # released or expired between the two reads
+            holder, _, stored_digest = stored.rpartition(":")
+            if stored_digest != digest:
+                where = "a request still running" if holder.startswith("pending:") \
+                    else f"job {holder}"
+                raise IdempotencyConflict(f"Idempotency-Key was already used for {where} "
+                                          "with a different spec")
+            if holder.startswith("pending:"):
+                raise IdempotencyInProgress("a request with this Idempotency-Key is still "
+                                            "being processed")
+            record = self.get(holder)
+            if record is not None:
+                return record
+            # its job was deleted: take the key over, unless another request just did
+            if self._swap(keys=[idem_key], args=[stored, claim.value,
+                                                 IDEMPOTENCY_PENDING_S * 1000]):
+                return claim
+
+    def release_idempotency(self, claim: IdempotencyClaim, job_id: str | None = None) -> None:
+        """Free the key of a submit that produced no queued job (preflight refused the spec,
+        the broker refused the job): the same key may then be used again at once."""
+        for value in (claim.value, *([claim.job_value(job_id)] if job_id else [])):
+            self._release(keys=[claim.key], args=[value])
 
     def get(self, job_id: str) -> JobRecord | None:
         if not JOB_ID.match(job_id):
