@@ -6,7 +6,7 @@ The record in Redis is the source of truth (DESIGN.md section 5); Celery only ca
 Keys (prefix `ms:`):
 
 - `job:{id}`: a hash, one field per record field, each JSON-encoded, plus internal fields
-  (`_submitted_by`, `_attempts`, `_queue`) that the API never returns.
+  (`_submitted_by`, `_attempts`, `_queue`, `_last_worker`) that the API never returns.
 - `jobs`, `jobs:status:{status}`, `jobs:name:{name}`: sorted sets of job ids, all at score 0 so
   that they sort lexicographically; ids start with the creation time in hex, so a reverse
   lexicographic range is newest first and a cursor is simply the last id seen.
@@ -28,6 +28,7 @@ import json
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -281,11 +282,14 @@ class JobStore:
         return records, (ids[limit - 1] if len(ids) > limit else None)
 
     def internal(self, job_id: str) -> dict[str, Any]:
-        """The fields the API does not return: `submitted_by`, `attempts`, `queue`."""
-        values = self.r.hmget(self.job_key(job_id), "_submitted_by", "_attempts", "_queue")
-        submitted_by, attempts, queue = values
+        """The fields the API does not return: `submitted_by`, `attempts`, `queue`,
+        `last_worker` (of a job requeued after its worker was lost)."""
+        values = self.r.hmget(self.job_key(job_id), "_submitted_by", "_attempts", "_queue",
+                              "_last_worker")
+        submitted_by, attempts, queue, last_worker = values
         return {"submitted_by": json.loads(submitted_by) if submitted_by else None,
-                "attempts": int(attempts or 0), "queue": json.loads(queue) if queue else None}
+                "attempts": int(attempts or 0), "queue": json.loads(queue) if queue else None,
+                "last_worker": json.loads(last_worker) if last_worker else None}
 
     def list(self, *, status: str | None = None, name: str | None = None, limit: int = 20,
              after: str | None = None) -> tuple[list[JobRecord], str | None]:
@@ -322,15 +326,17 @@ class JobStore:
     # state changes
 
     def transition(self, job_id: str, to: str, allowed_from: frozenset[str] | set[str],
-                   **fields: Any) -> JobRecord | None:
-        """Atomically move a job to status `to` (if its status is in `allowed_from`), set
-        `fields` and publish a state event. Returns the new record, or None if refused."""
+                   *, owner: str | None = None, **fields: Any) -> JobRecord | None:
+        """Atomically move a job to status `to` (if its status is in `allowed_from` and, with
+        `owner`, the job's lock is still `owner`'s), set `fields` and publish a state event.
+        Returns the new record, or None if refused."""
         key = self.job_key(job_id)
         outcome: dict[str, Any] = {}
 
         def change(pipe: redis.client.Pipeline) -> None:
             raw = pipe.hgetall(key)
-            if not raw or json.loads(raw["status"]) not in allowed_from:
+            if not raw or json.loads(raw["status"]) not in allowed_from or (
+                    owner is not None and pipe.get(self._lock_key(job_id)) != owner):
                 outcome.clear()
                 return
             current = json.loads(raw["status"])
@@ -344,16 +350,41 @@ class JobStore:
             self._add_event(pipe, job_id, "state", _state_data(record))
             outcome["record"] = record
 
-        self.r.transaction(change, key)
+        self.r.transaction(change, key, *([self._lock_key(job_id)] if owner else []))
         record = outcome.get("record")
         return JobRecord.model_validate(record) if record else None
 
-    def set_progress(self, job_id: str, progress: JobProgress) -> None:
+    def _owned_write(self, job_id: str, owner: str | None,
+                     write: Callable[[redis.client.Pipeline], object]) -> bool:
+        """Run `write(pipe)` in a transaction if the job is active and, with `owner`, its
+        lock is `owner`'s (a worker that lost its lock writes nothing). Returns whether it
+        ran."""
+        key, lock = self.job_key(job_id), self._lock_key(job_id)
+        done = []
+
+        def check_then_write(pipe: redis.client.Pipeline) -> None:
+            done.clear()
+            status = pipe.hget(key, "status")
+            if status is None or json.loads(status) not in ACTIVE or (
+                    owner is not None and pipe.get(lock) != owner):
+                return
+            pipe.multi()
+            write(pipe)
+            done.append(True)
+
+        self.r.transaction(check_then_write, key, lock)
+        return bool(done)
+
+    def set_progress(self, job_id: str, progress: JobProgress,
+                     owner: str | None = None) -> bool:
+        """Record progress while the job is active (and `owner` holds it); False if not."""
         data = progress.model_dump(mode="json")
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hset(self.job_key(job_id), "progress", json.dumps(data))
-        self._add_event(pipe, job_id, "progress", data)
-        pipe.execute()
+
+        def write(pipe: redis.client.Pipeline) -> None:
+            pipe.hset(self.job_key(job_id), "progress", json.dumps(data))
+            self._add_event(pipe, job_id, "progress", data)
+
+        return self._owned_write(job_id, owner, write)
 
     def add_attempt(self, job_id: str) -> int:
         return int(self.r.hincrby(self.job_key(job_id), "_attempts", 1))
@@ -364,8 +395,10 @@ class JobStore:
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self.r.exists(self._cancel_key(job_id)))
 
-    def set_report(self, job_id: str, report: dict[str, Any]) -> None:
-        self.r.set(self._report_key(job_id), json.dumps(report))
+    def set_report(self, job_id: str, report: dict[str, Any], owner: str | None = None) -> bool:
+        text = json.dumps(report)
+        return self._owned_write(job_id, owner,
+                                 lambda pipe: pipe.set(self._report_key(job_id), text))
 
     def get_report(self, job_id: str) -> dict[str, Any] | None:
         raw = self.r.get(self._report_key(job_id))
@@ -403,6 +436,15 @@ class JobStore:
 
     def lock_owner(self, job_id: str) -> str | None:
         return self.r.get(self._lock_key(job_id))
+
+    def owned_and_cancelled(self, job_id: str, owner: str) -> tuple[bool, bool]:
+        """Whether `owner` still holds the job's lock, and whether a cancel was requested:
+        what a running worker checks between layers, in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.get(self._lock_key(job_id))
+        pipe.exists(self._cancel_key(job_id))
+        held_by, cancel = pipe.execute()
+        return held_by == owner, bool(cancel)
 
     def worker_heartbeat(self, name: str, info: dict[str, Any], ttl_s: float) -> None:
         pipe = self.r.pipeline(transaction=False)
@@ -451,7 +493,8 @@ class JobStore:
                        "progress": JobProgress().model_dump(mode="json")}
             record = {k: json.loads(v) for k, v in raw.items() if k in _PUBLIC} | updates
             pipe.multi()
-            pipe.hset(key, mapping=_encode(updates))
+            pipe.hset(key, mapping=_encode(updates) | {
+                "_last_worker": raw.get("worker", "null")})
             pipe.zrem(self._index(status=current), job_id)
             pipe.zadd(self._index(status="queued"), {job_id: 0})
             self._add_event(pipe, job_id, "state", {**_state_data(record),
@@ -461,7 +504,6 @@ class JobStore:
         self.r.transaction(change, key, lock)
         record = outcome.get("record")
         return JobRecord.model_validate(record) if record else None
-
 
 def decode_event(event_id: str, fields: dict[str, str]) -> JobEvent:
     return JobEvent(id=event_id, type=fields["type"], data=json.loads(fields["data"]))

@@ -6,6 +6,12 @@ first runs, finds the lock taken and leaves the job alone. When a worker dies it
 and a reaper (`workers.liveness`) puts the job back in the queue; the rerun starts from
 scratch and overwrites nothing but its own earlier attempt (outputs are deterministic, writes
 are atomic, so a killed attempt leaves no partial output at the destination).
+
+A worker that stalled past its lock's expiry (swapping, a stopped process) may wake up while
+another runs its job: every write of an attempt (state, progress, report) is made only while
+its lock is still its own, ownership is checked again between layers, right before the output
+is moved into place and before a Hub push, and an attempt that finds its lock gone stops and
+writes nothing.
 """
 
 from __future__ import annotations
@@ -34,6 +40,15 @@ from workers.jobs import (
 log = logging.getLogger("merge_service.worker")
 MAX_ATTEMPTS = 3  # a job whose worker died this many times is failed, not retried forever
 NOT_TERMINAL = frozenset({"queued"}) | ACTIVE
+# the job's status during each stage of the engine: resolving and preflight are `validating`,
+# every other stage (merging, AdaRank's factorizing and optimizing, finalizing) is `running`
+VALIDATING_STAGES = frozenset({"resolving", "preflight"})
+
+
+def status_of_stage(stage: str) -> str:
+    if stage in VALIDATING_STAGES:
+        return "validating"
+    return "pushing" if stage == "pushing" else "running"
 
 
 @cache
@@ -65,26 +80,50 @@ class LockHeartbeat(threading.Thread):
     def stop(self) -> None:
         self.stopped.set()
 
+    def owned(self) -> bool:
+        """Whether this attempt still holds the lock, asked of Redis now (the heartbeat
+        notices a loss only at its next beat)."""
+        if not self.lost and self.store.lock_owner(self.job_id) != self.owner:
+            self.lost = True
+        return not self.lost
+
+    def should_cancel(self) -> bool:
+        """The engine's check between layers, before the output is moved into place and
+        before a push: stop on a cancel request or when the lock is no longer ours."""
+        if self.lost:
+            return True
+        owned, cancel = self.store.owned_and_cancelled(self.job_id, self.owner)
+        self.lost = not owned
+        return self.lost or cancel
+
 
 class ProgressReporter:
     """The engine's progress callback: status changes (validating -> running -> pushing) and
-    one pipeline per update (record + event)."""
+    one transaction per update (record + event), each made only while the lock is ours."""
 
-    def __init__(self, store: JobStore, job_id: str) -> None:
-        self.store, self.job_id = store, job_id
+    def __init__(self, store: JobStore, heartbeat: LockHeartbeat) -> None:
+        self.store, self.job_id, self.heartbeat = store, heartbeat.job_id, heartbeat
         self.status = "validating"
         self.last: Progress | None = None
 
     def __call__(self, progress: Progress) -> None:
         self.last = progress
-        wanted = {"merging": "running", "finalizing": "running", "pushing": "pushing"}
-        status = wanted.get(progress.stage, self.status)
+        owner = self.heartbeat.owner
+        status = status_of_stage(progress.stage)
         if status != self.status:
-            self.store.transition(self.job_id, status, {self.status})
+            if self.store.transition(self.job_id, status, {self.status}, owner=owner) is None:
+                self.lost()
             self.status = status
-        self.store.set_progress(self.job_id, JobProgress(
-            stage=progress.stage, done=progress.done, total=progress.total,
-            current=progress.current))
+        if not self.store.set_progress(self.job_id, JobProgress(
+                stage=progress.stage, done=progress.done, total=progress.total,
+                current=progress.current), owner=owner):
+            self.lost()
+
+    def lost(self) -> None:
+        # the job is not ours to write any more (the lock went to another worker, which
+        # requeued or reran it): stop the merge where it is
+        self.heartbeat.lost = True
+        raise MergeCancelled("this worker no longer holds the job's lock")
 
 
 def run_job(job_id: str, *, worker: str) -> str:
@@ -103,53 +142,78 @@ def run_job(job_id: str, *, worker: str) -> str:
         if record is None or record.status in TERMINAL:
             return "unknown job" if record is None else f"already {record.status}"
         if store.cancel_requested(job_id):
-            store.transition(job_id, "cancelled", NOT_TERMINAL, finished_at=timestamp())
+            store.transition(job_id, "cancelled", NOT_TERMINAL, owner=owner,
+                             finished_at=timestamp())
             return "cancelled before it started"
         attempt = store.add_attempt(job_id)
         if attempt > MAX_ATTEMPTS:
             fail(store, job_id, JobError(
                 type="WorkerLost", message=f"the job was interrupted {MAX_ATTEMPTS} times "
                 "(its worker died each time); not retried again",
-                details={"attempts": attempt - 1}))
+                details={"attempts": attempt - 1}), owner=owner)
             return "failed: too many attempts"
-        store.transition(job_id, "validating", NOT_TERMINAL, started_at=timestamp(),
-                         worker=worker, finished_at=None, result=None, error=None,
-                         progress=JobProgress(stage="resolving").model_dump(mode="json"))
-        if attempt > 1:
+        if store.transition(job_id, "validating", NOT_TERMINAL, owner=owner,
+                            started_at=timestamp(), worker=worker, finished_at=None,
+                            result=None, error=None,
+                            progress=JobProgress(stage="resolving").model_dump(mode="json")
+                            ) is None:
+            # cancelled (or finished) since it was read, or the lock is already lost
+            return "not started: the job was cancelled or taken meanwhile"
+        if store.cancel_requested(job_id):  # a cancel that came in between: run nothing
+            store.transition(job_id, "cancelled", ACTIVE, owner=owner,
+                             finished_at=timestamp())
+            return "cancelled before it started"
+        # a previous attempt's worker that is still alive may only have stalled: its
+        # temporary directory is left to it (it stops at its next check and removes it)
+        # until this attempt has finished
+        earlier = record.worker or store.internal(job_id)["last_worker"]
+        earlier_alive = attempt > 1 and earlier is not None and any(
+            w["name"] == earlier for w in store.live_workers(3 * interval))
+        if attempt > 1 and not earlier_alive:
             remove_partial_outputs(record)
-        return merge(store, record, settings, heartbeat, rerun=attempt > 1)
+        return merge(store, record, settings, heartbeat, rerun=attempt > 1,
+                     clean_up_after=earlier_alive)
     finally:
         heartbeat.stop()
         store.release_lock(job_id, owner)
 
 
 def merge(store: JobStore, record: JobRecord, settings: Settings, heartbeat: LockHeartbeat,
-          *, rerun: bool) -> str:
-    job_id = record.id
-    reporter = ProgressReporter(store, job_id)
-
-    def should_cancel() -> bool:
-        return heartbeat.lost or store.cancel_requested(job_id)
-
+          *, rerun: bool, clean_up_after: bool = False) -> str:
+    job_id, owner = record.id, heartbeat.owner
+    reporter = ProgressReporter(store, heartbeat)
+    lost = "lock lost; the job is left to whoever holds it"
     try:
         # a rerun may replace the output of its own interrupted attempt, which could have
         # been moved into place just before the worker died
-        result = run_merge(record.spec, overwrite=rerun, hub=settings.hub, progress=reporter,
-                           should_cancel=should_cancel)
+        try:
+            result = run_merge(record.spec, overwrite=rerun, hub=settings.hub,
+                               progress=reporter, should_cancel=heartbeat.should_cancel)
+        finally:
+            if clean_up_after and heartbeat.owned():  # before the job is seen to end
+                remove_partial_outputs(record)
     except MergeCancelled as exc:
-        if heartbeat.lost:
-            return "lock lost; left to the worker that holds it"
-        store.transition(job_id, "cancelled", ACTIVE, finished_at=timestamp())
+        if not heartbeat.owned():
+            return lost
+        store.transition(job_id, "cancelled", ACTIVE, owner=owner, finished_at=timestamp())
         return f"cancelled: {exc}"
     except InvalidInputError as exc:
+        if not heartbeat.owned():
+            return lost
         fail(store, job_id, JobError(type=type(exc).__name__, message=str(exc),
-                                     details={"problems": [p.to_dict() for p in exc.problems]}))
+                                     details={"problems": [p.to_dict() for p in exc.problems]}),
+             owner=owner)
         return f"failed: {type(exc).__name__}"
     except Exception as exc:
+        # an attempt that lost its lock fails in odd ways (its temporary directory removed
+        # under it by the rerun): none of that is the job's error
+        if not heartbeat.owned():
+            log.info("job %s: %s (%s)", job_id, lost, type(exc).__name__)
+            return lost
         if type(exc).__name__ == "SoftTimeLimitExceeded":
             fail(store, job_id, JobError(
                 type="TimeLimitExceeded", message=f"the job ran longer than "
-                f"MERGE_SERVICE_MAX_JOB_SECONDS ({settings.max_job_seconds} s)"))
+                f"MERGE_SERVICE_MAX_JOB_SECONDS ({settings.max_job_seconds} s)"), owner=owner)
             return "failed: time limit"
         log.exception("job %s failed", job_id)  # the full traceback: in the worker log only
         last = reporter.last
@@ -157,21 +221,25 @@ def merge(store: JobStore, record: JobRecord, settings: Settings, heartbeat: Loc
         if not isinstance(exc, MergeServiceError):
             details = {**(details or {}), "unexpected": True}
         message = str(exc).strip() or type(exc).__name__
-        fail(store, job_id, JobError(type=type(exc).__name__, message=message, details=details))
+        fail(store, job_id, JobError(type=type(exc).__name__, message=message, details=details),
+             owner=owner)
         return f"failed: {type(exc).__name__}"
-    store.set_report(job_id, result.report)
+    if not store.set_report(job_id, result.report, owner=owner):
+        return lost
     destination = record.spec.output.destination or str(result.destination)
     if not destination.startswith("hub://"):
         destination = str(result.destination)
-    store.transition(job_id, "succeeded", ACTIVE, finished_at=timestamp(),
-                     result=JobResult(destination=destination, url=result.url,
-                                      files=result.files, revision=result.revision
-                                      ).model_dump(mode="json"))
+    if store.transition(job_id, "succeeded", ACTIVE, owner=owner, finished_at=timestamp(),
+                        result=JobResult(destination=destination, url=result.url,
+                                         files=result.files, revision=result.revision
+                                         ).model_dump(mode="json")) is None:
+        return lost
     return "succeeded"
 
 
-def fail(store: JobStore, job_id: str, error: JobError) -> None:
-    store.transition(job_id, "failed", NOT_TERMINAL, finished_at=timestamp(),
+def fail(store: JobStore, job_id: str, error: JobError, owner: str | None = None) -> None:
+    """Mark the job failed; with `owner`, only if that worker still holds its lock."""
+    store.transition(job_id, "failed", NOT_TERMINAL, owner=owner, finished_at=timestamp(),
                      error=error.model_dump(mode="json"))
 
 

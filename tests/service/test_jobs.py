@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,21 +24,23 @@ import torch
 
 from api.client import ServiceClient, parse_sse
 from merge_service.engine import run_merge
-from merge_service.spec import spec_from_dict
+from merge_service.spec import JobSpec, spec_from_dict
 from tests.conftest import assert_nothing_written, leftovers, read_tensors
 from tests.service.conftest import (
+    HEARTBEAT_S,
     KEYS,
     Inputs,
     Service,
     redis_url,
     service_env,
+    service_settings,
     slow_spec,
     spec_body,
     start_worker,
     wait_for,
 )
 from workers.celery_app import RUN_JOB, make_celery
-from workers.jobs import ACTIVE, JobStore
+from workers.jobs import ACTIVE, TERMINAL, JobProgress, JobStore
 from workers.redis_server import EmbeddedRedis
 
 pytestmark = pytest.mark.slow
@@ -259,6 +263,110 @@ def test_a_killed_worker_s_job_is_finished_by_another(
             assert ours.replace(b"merged", b"reference") == theirs
         else:
             assert ours == theirs, name
+
+
+# --- a worker's writes are tied to its lock; no job stays queued for good ----------------------
+
+def test_a_stale_attempt_writes_nothing_and_commits_nothing(
+        redis_server: EmbeddedRedis, minilm_inputs: Inputs, tmp_path: Path) -> None:
+    """A worker stalls (SIGSTOP) mid-merge and its lock goes to someone else meanwhile, who
+    also removes the stalled attempt's temporary directory (as a rerun does). Woken up, the
+    stale attempt must stop without a single write: no progress, no `failed`, no output."""
+    url = redis_url(redis_server, 10)
+    store = JobStore.from_url(url)
+    store.r.flushdb()
+    env = service_env(url, tmp_path / "data")
+    worker = start_worker(env, store, tmp_path, f"stalled-{secrets.token_hex(3)}@test")
+    try:
+        destination = tmp_path / "merged"
+        spec = JobSpec.model_validate(slow_spec(minilm_inputs, destination))
+        job = store.create(spec, queue="cpu")
+        make_celery(service_settings(url, tmp_path)).send_task(RUN_JOB, args=[job.id],
+                                                                task_id=job.id, queue="cpu")
+        total = wait_for(lambda: (progress := store.get(job.id).progress).stage == "merging"
+                         and progress.total, timeout=120, interval=0.02,
+                         what="the merge to start")
+        wait_for(lambda: store.get(job.id).progress.done >= total // 4, timeout=120,
+                 interval=0.02, what="a quarter of the merge")
+        worker.kill(signal.SIGSTOP)
+        time.sleep(0.3)  # a write in flight when the signal came has landed
+        lock = f"{store.p}job:{job.id}:lock"
+        stale_owner = store.r.get(lock)
+        store.r.set(lock, "another-worker@test:1", px=600_000)
+        before = store.events(job.id)
+        record = store.get(job.id)
+        for leftover in leftovers(destination):
+            shutil.rmtree(destination.parent / leftover)
+        worker.kill(signal.SIGCONT)
+        wait_for(lambda: "left to whoever holds it" in worker.output(), timeout=60,
+                 what="the stale attempt to stop")
+        time.sleep(2 * HEARTBEAT_S)
+        assert store.events(job.id) == before, worker.output()[-3000:]
+        assert store.get(job.id) == record  # still `running`, progress where it stopped
+        assert not destination.exists() and leftovers(destination) == []
+        assert store.lock_owner(job.id) == "another-worker@test:1"  # not released by it
+        assert stale_owner and stale_owner.startswith(worker.args[2])
+
+        # the lock's holder goes away: the job is requeued and run to the end
+        store.r.delete(lock)
+        done = wait_for(lambda: (r := store.get(job.id)) and r.status in TERMINAL and r,
+                        timeout=120, interval=0.1, what="the job to end")
+    finally:
+        worker.stop()
+    assert done.status == "succeeded", worker.output()[-3000:]
+    statuses = [e.data["status"] for e in store.events(job.id) if e.type == "state"]
+    assert statuses == ["queued", "validating", "running", "queued", "validating", "running",
+                        "succeeded"]
+    assert (destination / "model.safetensors.index.json").is_file()
+    assert leftovers(destination) == []
+
+
+def test_adarank_stages_are_running(service: Service, minilm_inputs: Inputs,
+                                    tmp_path: Path) -> None:
+    """AdaRank factorizes and optimizes before its per-tensor loop: that is the job's heavy
+    work, and the job is `running` while it does it."""
+    from examples.tasks.evaluate import TASKS_DIR
+
+    tasks = {n: TASKS_DIR / n for n in ("wordnet_pos", "word_pos")}
+    body = {"name": "adarank-stages", "base": str(minilm_inputs.base),
+            "models": [{"source": str(p / "adapter"), "name": n} for n, p in tasks.items()],
+            "method": {"name": "adarank", "params": {"steps": 2, "batch_size": 4}},
+            "calibration": {n: {"path": str(p / "calibration.jsonl"), "max_samples": 8}
+                            for n, p in tasks.items()},
+            "output": {"destination": str(tmp_path / "out")}, "options": {"device": "cpu"}}
+    job = submit(service, body)
+    assert service.wait_terminal(job["id"]).status == "succeeded"
+    status, seen = None, set()
+    for event in service.store.events(job["id"]):
+        if event.type == "state":
+            status = event.data["status"]
+        elif event.data["stage"] in {"factorizing", "optimizing"}:
+            seen.add(event.data["stage"])
+            assert status == "running", event
+    assert seen == {"factorizing", "optimizing"}
+
+
+def test_progress_and_state_are_written_only_by_the_lock_holder_of_an_active_job(
+        service: Service, minilm_inputs: Inputs, tmp_path: Path) -> None:
+    store = service.store
+    spec = JobSpec.model_validate(spec_body(minilm_inputs, tmp_path / "out", name="held"))
+    job = store.create(spec, queue="nowhere")  # no worker serves it: stays queued
+    progress = JobProgress(stage="merging", done=1, total=2)
+    events = len(store.events(job.id))
+    assert not store.set_progress(job.id, progress)  # queued: no one runs it
+    assert store.acquire_lock(job.id, "mine", 60)
+    assert store.transition(job.id, "validating", {"queued"}, owner="theirs") is None
+    assert store.transition(job.id, "validating", {"queued"}, owner="mine") is not None
+    assert not store.set_progress(job.id, progress, owner="theirs")
+    assert not store.set_report(job.id, {"x": 1}, owner="theirs")
+    assert store.set_progress(job.id, progress, owner="mine")
+    assert store.get(job.id).progress == progress
+    assert len(store.events(job.id)) == events + 2  # validating, then one progress
+    store.r.delete(f"{store.p}job:{job.id}:lock")
+    assert store.transition(job.id, "failed", ACTIVE, owner="mine") is None
+    assert store.transition(job.id, "cancelled", ACTIVE) is not None
+    assert not store.set_progress(job.id, progress)  # ended: nothing more is written
+    assert len(store.events(job.id)) == events + 3
 
 
 def test_job_records_survive_an_api_restart(service: Service, minilm_inputs: Inputs,
