@@ -6,7 +6,8 @@ The record in Redis is the source of truth (DESIGN.md section 5); Celery only ca
 Keys (prefix `ms:`):
 
 - `job:{id}`: a hash, one field per record field, each JSON-encoded, plus internal fields
-  (`_submitted_by`, `_attempts`, `_queue`, `_last_worker`) that the API never returns.
+  (`_submitted_by`, `_attempts`, `_queue`, `_sent_at`, `_sends`, `_last_worker`) that the
+  API never returns.
 - `jobs`, `jobs:status:{status}`, `jobs:name:{name}`: sorted sets of job ids, all at score 0 so
   that they sort lexicographically; ids start with the creation time in hex, so a reverse
   lexicographic range is newest first and a cursor is simply the last id seen.
@@ -48,6 +49,7 @@ ACTIVE = frozenset({"validating", "running", "pushing"})  # a worker holds the j
 JOB_ID = re.compile(r"^[0-9a-f]{20}$")
 IDEMPOTENCY_TTL_S = 24 * 3600
 IDEMPOTENCY_PENDING_S = 600  # a claim whose request died (API killed mid-submit) is freed then
+RESEND_BACKOFF_MAX = 6  # a queued job is re-sent after grace, 2 x grace, ... 64 x grace
 EVENTS_MAXLEN = 10_000  # progress is per tensor; the terminal event is always the last one
 ALL_EVENTS_MAXLEN = 10_000  # the list stream: a client further behind refreshes its list
 
@@ -194,7 +196,7 @@ class JobStore:
                            created_at=now(), schedule_id=schedule_id)
         fields = _encode(record.model_dump(mode="json"))
         fields |= {"_submitted_by": json.dumps(submitted_by), "_attempts": "0",
-                   "_queue": json.dumps(queue)}
+                   "_queue": json.dumps(queue), "_sent_at": repr(time.time()), "_sends": "0"}
 
         def store(pipe: redis.client.Pipeline) -> None:
             if idempotency is not None and pipe.get(idempotency.key) != idempotency.value:
@@ -494,6 +496,7 @@ class JobStore:
             record = {k: json.loads(v) for k, v in raw.items() if k in _PUBLIC} | updates
             pipe.multi()
             pipe.hset(key, mapping=_encode(updates) | {
+                "_sent_at": repr(time.time()), "_sends": "0",
                 "_last_worker": raw.get("worker", "null")})
             pipe.zrem(self._index(status=current), job_id)
             pipe.zadd(self._index(status="queued"), {job_id: 0})
@@ -504,6 +507,46 @@ class JobStore:
         self.r.transaction(change, key, lock)
         record = outcome.get("record")
         return JobRecord.model_validate(record) if record else None
+
+    def unsent_jobs(self, grace_s: float) -> list[tuple[str, str]]:
+        """Queued, unlocked jobs whose task was last sent more than `grace_s` ago (doubling
+        with each re-send, up to 64 x): their message may be lost (the API died before
+        sending it, a send failed, a delivery was dropped while a dead attempt's lock
+        lingered). Returns (job id, the `_sent_at` seen) pairs for `claim_resend`."""
+        ids = self.r.zrange(self._index(status="queued"), 0, -1)
+        if not ids:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hmget(self.job_key(job_id), "_sent_at", "_sends")
+            pipe.exists(self._lock_key(job_id))
+        replies = pipe.execute()
+        found, now_s = [], time.time()
+        for job_id, (sent_at, sends), locked in zip(ids, replies[::2], replies[1::2],
+                                                    strict=True):
+            wait = grace_s * 2 ** min(int(sends or 0), RESEND_BACKOFF_MAX)
+            if not locked and now_s - float(sent_at or 0) > wait:
+                found.append((job_id, sent_at or ""))
+        return found
+
+    def claim_resend(self, job_id: str, seen_sent_at: str) -> str | None:
+        """Note a re-send of a queued job (one reaper wins); returns its queue, or None."""
+        key, lock = self.job_key(job_id), self._lock_key(job_id)
+        outcome: list[str] = []
+
+        def change(pipe: redis.client.Pipeline) -> None:
+            status, sent_at, queue = pipe.hmget(key, "status", "_sent_at", "_queue")
+            if status is None or json.loads(status) != "queued" or pipe.exists(lock) \
+                    or (sent_at or "") != seen_sent_at:
+                return
+            pipe.multi()
+            pipe.hset(key, "_sent_at", repr(time.time()))
+            pipe.hincrby(key, "_sends", 1)
+            outcome.append(json.loads(queue) if queue else "cpu")
+
+        self.r.transaction(change, key, lock)
+        return outcome[0] if outcome else None
+
 
 def decode_event(event_id: str, fields: dict[str, str]) -> JobEvent:
     return JobEvent(id=event_id, type=fields["type"], data=json.loads(fields["data"]))

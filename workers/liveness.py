@@ -4,6 +4,12 @@ read) and a reaper that puts back in the queue the jobs whose worker died.
 A job's lock expires three heartbeats after its worker stopped refreshing it; any live worker's
 reaper then moves the job from `validating`/`running`/`pushing` back to `queued` (one reaper
 wins: the change is a Redis transaction) and sends it again.
+
+A job can also sit `queued` with no message for it in the broker: the API died between storing
+the job and sending it, a send failed, or a pool child died holding the job's lock so that the
+redelivery was dropped. The reaper sends again every queued job that holds no lock and was
+last sent more than `RESEND_GRACE_BEATS` heartbeats ago (then twice that, and so on): a
+duplicate message is harmless (the lock and the terminal-state check drop it).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from workers.jobs import JobError, timestamp
 from workers.runner import MAX_ATTEMPTS, context, fail
 
 log = logging.getLogger("merge_service.worker")
+RESEND_GRACE_BEATS = 6  # twice a job lock's lifetime: a minute at the default heartbeat
 
 
 class Liveness(threading.Thread):
@@ -40,6 +47,7 @@ class Liveness(threading.Thread):
             try:
                 self.beat(3 * interval)
                 self.reap()
+                self.resend(RESEND_GRACE_BEATS * interval)
             except Exception:
                 log.warning("heartbeat or reaper failed; trying again", exc_info=True)
             if self.stopped.wait(max(0.0, interval - (time.monotonic() - started))):
@@ -64,7 +72,23 @@ class Liveness(threading.Thread):
                 continue  # another reaper, or a redelivery, got there first
             queue = store.internal(job_id)["queue"] or "cpu"
             log.warning("job %s: its worker died; requeued on %s", job_id, queue)
-            self.app.send_task(RUN_JOB, args=[job_id], queue=queue)
+            self.send(job_id, queue)  # if this fails, `resend` tries again after the grace
+
+    def resend(self, grace_s: float) -> None:
+        _, store = context()
+        for job_id, sent_at in store.unsent_jobs(grace_s):
+            queue = store.claim_resend(job_id, sent_at)
+            if queue is None:
+                continue  # started, cancelled, or re-sent by another reaper meanwhile
+            log.warning("job %s: queued for over %.0f s and not started; sent again on %s",
+                        job_id, grace_s, queue)
+            self.send(job_id, queue)
+
+    def send(self, job_id: str, queue: str) -> None:
+        try:
+            self.app.send_task(RUN_JOB, args=[job_id], task_id=job_id, queue=queue)
+        except Exception:
+            log.warning("job %s: cannot send it to %s", job_id, queue, exc_info=True)
 
     def stop(self) -> None:
         self.stopped.set()

@@ -321,6 +321,16 @@ def test_a_stale_attempt_writes_nothing_and_commits_nothing(
     assert leftovers(destination) == []
 
 
+def test_a_queued_job_whose_message_was_lost_is_sent_again(
+        service: Service, minilm_inputs: Inputs, tmp_path: Path) -> None:
+    """The API died between storing the job and sending it: the reaper sends it."""
+    spec = JobSpec.model_validate(spec_body(minilm_inputs, tmp_path / "out", name="unsent"))
+    job = service.store.create(spec, queue="cpu")  # stored, never sent
+    record = service.wait_terminal(job.id, timeout=90)
+    assert record.status == "succeeded"
+    assert "sent again" in service.worker_logs()
+
+
 def test_adarank_stages_are_running(service: Service, minilm_inputs: Inputs,
                                     tmp_path: Path) -> None:
     """AdaRank factorizes and optimizes before its per-tensor loop: that is the job's heavy
