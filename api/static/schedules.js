@@ -126,13 +126,34 @@
     return tr;
   }
 
-  // put `rows` into `tbody` in this order, moving only what is out of place; the focused
-  // element, if a move took it out of the document for a moment, gets the focus back
+  // put `rows` into `tbody` in this order, moving only what is out of place
   function arrange(tbody, rows) {
-    const focused = document.activeElement;
     rows.forEach((tr, i) => { if (tbody.rows[i] !== tr) tbody.insertBefore(tr, tbody.rows[i] || null); });
     while (tbody.rows.length > rows.length) tbody.rows[rows.length].remove();
-    if (focused && focused !== document.activeElement && focused.isConnected) focused.focus({ preventScroll: true });
+  }
+
+  // Taken just before a table is updated (never before an await: focus moved meanwhile is
+  // someone's own doing). A focused element that the update moved, or replaced (a job link
+  // whose status changed), gets the focus back: itself, or the same control (data-role) or
+  // link (href) in the row of the same id.
+  function focusMark() {
+    const was = document.activeElement;
+    const tr = was && was.closest ? was.closest("tr[data-id]") : null;
+    if (!tr) return null;
+    const href = was.getAttribute("href");
+    const selector = was.dataset.role ? `[data-role="${was.dataset.role}"]` : href ? `a[href="${CSS.escape(href)}"]` : null;
+    return { was, table: tr.closest("table"), id: tr.dataset.id, selector };
+  }
+
+  function restoreFocus(mark) {
+    if (!mark || document.activeElement === mark.was) return;
+    if (document.activeElement && document.activeElement !== document.body) return;
+    let target = mark.was.isConnected ? mark.was : null;
+    if (!target && mark.selector) {
+      const tr = rowOf(mark.table, mark.id);
+      target = tr && tr.querySelector(mark.selector);
+    }
+    if (target) target.focus({ preventScroll: true });
   }
 
   let generation = 0;  // only the latest refresh renders (a slow poll must not undo an action)
@@ -144,7 +165,9 @@
       if (mine !== generation) return;
       schedules.clear();
       for (const s of list.schedules) schedules.set(s.id, s);
+      const mark = focusMark();
       arrange($("schedules").tBodies[0], list.schedules.map(row));
+      restoreFocus(mark);
       if (!list.schedules.length) $("schedules-status").textContent = "No schedules yet.";
       if (selected) {
         const s = schedules.get(selected);
@@ -172,12 +195,14 @@
 
   async function loadRuns(s) {
     const answer = await api(`/v1/schedules/${s.id}/runs?limit=50`);
+    const mark = focusMark();
     if ($("history-name").textContent !== s.name) $("history-name").textContent = s.name;
     const tbody = $("runs").tBodies[0];
     if (tbody.dataset.schedule !== s.id) { tbody.replaceChildren(); tbody.dataset.schedule = s.id; }
     const rows = answer.runs.map((r) => runRow(s, r));
     if (!rows.length) rows.push(rowOf($("runs"), "none") || el("tr", { "data-id": "none" }, el("td", { colspan: "5" }, "No runs yet.")));
     arrange(tbody, rows);
+    restoreFocus(mark);
   }
 
   async function showHistory(s) {

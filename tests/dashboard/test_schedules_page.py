@@ -91,8 +91,12 @@ def test_create_run_now_history_pause_and_delete(tab: Tab, service: Service, min
     assert "pattern, qv" in history.first.inner_text()
     job_link = history.first.get_by_role("link")
     job_id = job_link.inner_text()
+    job_link.focus()  # and kept there while the refreshes redraw the run as the job finishes
     record = service.wait_terminal(job_id, timeout=300)
     assert record.status == "succeeded", record.error
+    history.first.locator(".badge.succeeded").last.wait_for()
+    next_poll(page, f"/v1/schedules/{schedule_id}/runs?limit=50")
+    assert page.evaluate("document.activeElement.getAttribute('href')") == f"/jobs/{job_id}"
     assert record.schedule_id == schedule_id
     tab.screenshot("2-run-submitted")
 
