@@ -101,6 +101,11 @@ class Liveness(threading.Thread):
 _liveness: Liveness | None = None
 
 
+def worker_name() -> str | None:
+    """This worker's name, in its main process once it is ready (None elsewhere)."""
+    return _liveness.worker_name if _liveness is not None else None
+
+
 @worker_ready.connect
 def _start(sender: Any, **_: Any) -> None:
     global _liveness

@@ -7,7 +7,7 @@ from typing import Any
 from celery import Task
 from celery.exceptions import TimeLimitExceeded
 
-import workers.liveness  # noqa: F401  (registers the heartbeat and reaper with the worker)
+import workers.liveness  # also registers the heartbeat and reaper with the worker
 from workers.celery_app import RUN_JOB, app
 from workers.jobs import JobError
 from workers.runner import context, fail, run_job
@@ -20,6 +20,9 @@ class JobTask(Task):
         # which could not record anything itself.
         if isinstance(exc, TimeLimitExceeded) and args:
             settings, store = context()
+            holder, here = store.lock_owner(args[0]), workers.liveness.worker_name()
+            if holder is not None and here is not None and not holder.startswith(f"{here}:"):
+                return  # the killed child had lost the job to another worker, which runs it
             fail(store, args[0], JobError(
                 type="TimeLimitExceeded", message="the job was killed after "
                 f"MERGE_SERVICE_MAX_JOB_SECONDS ({settings.max_job_seconds} s) and a grace "
