@@ -146,33 +146,11 @@ const MS = (() => {
         }
         if (!response.ok) throw new ApiError(response.status, null);
         if (down) { down = false; connection("Live updates reconnected.", 4000); }
-        const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
-        let buffer = "";
-        for (;;) {
-          const { value, done } = await reader.read();
-          if (done) break;
-          buffer += value;
-          let cut;
-          while ((cut = buffer.indexOf("\n\n")) >= 0) {
-            const block = buffer.slice(0, cut);
-            buffer = buffer.slice(cut + 2);
-            const ev = { id: null, type: "message", data: "" };
-            for (const line of block.split("\n")) {
-              if (line.startsWith(":")) continue;
-              const i = line.indexOf(":");
-              const field = i < 0 ? line : line.slice(0, i);
-              const val = i < 0 ? "" : line.slice(i + 1).replace(/^ /, "");
-              if (field === "id") ev.id = val;
-              else if (field === "event") ev.type = val;
-              else if (field === "data") ev.data += (ev.data ? "\n" : "") + val;
-            }
-            if (!ev.data) continue;
-            if (ev.id) lastId = ev.id;
-            const data = JSON.parse(ev.data);
-            onEvent({ id: ev.id, type: ev.type, data });
-            if (ev.type === "state" && TERMINAL.has(data.status)) finished = true;
-          }
-        }
+        await readEventStream(response, (ev) => {
+          if (ev.id) lastId = ev.id;
+          onEvent(ev);
+          if (ev.type === "state" && TERMINAL.has(ev.data.status)) finished = true;
+        });
         attempt = 0;
       } catch (e) {
         if (signal.aborted) return;
@@ -188,6 +166,35 @@ const MS = (() => {
       if (!failed && await jobEnded(path)) {
         if (lastTry) return;
         lastTry = true;  // one more read delivers the events up to the end
+      }
+    }
+  }
+
+  // A text/event-stream response, event by event: onEvent({id, type, data}) with `data`
+  // parsed as JSON; comments (connected, keepalive) and events without data are skipped.
+  // Returns when the server closes the stream.
+  async function readEventStream(response, onEvent) {
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += value;
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        const ev = { id: null, type: "message", data: "" };
+        for (const line of block.split("\n")) {
+          if (line.startsWith(":")) continue;
+          const i = line.indexOf(":");
+          const field = i < 0 ? line : line.slice(0, i);
+          const val = i < 0 ? "" : line.slice(i + 1).replace(/^ /, "");
+          if (field === "id") ev.id = val;
+          else if (field === "event") ev.type = val;
+          else if (field === "data") ev.data += (ev.data ? "\n" : "") + val;
+        }
+        if (ev.data) onEvent({ id: ev.id, type: ev.type, data: JSON.parse(ev.data) });
       }
     }
   }
@@ -275,6 +282,6 @@ const MS = (() => {
     if (authRequired && !key() && channel) channel.postMessage({ type: "ask" });
   });
 
-  return { api, events, el, duration, when, parseTime, progressText, fraction, errorText,
+  return { api, events, readEventStream, el, duration, when, parseTime, progressText, fraction, errorText,
            notice, key, authRequired, TERMINAL, ApiError };
 })();

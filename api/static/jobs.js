@@ -258,7 +258,7 @@
         delay = 500;
         // the stream's start was fixed before its headers came: a list read now misses nothing
         refresh();
-        await read(response, signal);
+        await read(response);
       } catch (e) {
         if (signal.aborted) return;
       }
@@ -270,34 +270,11 @@
     }
   }
 
-  async function read(response, signal) {
-    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
-    let buffer = "";
-    while (!signal.aborted) {
-      const { value, done } = await reader.read();
-      if (done) return;
-      buffer += value;
-      let cut;
-      while ((cut = buffer.indexOf("\n\n")) >= 0) {
-        const block = buffer.slice(0, cut);
-        buffer = buffer.slice(cut + 2);
-        let id = null;
-        let type = "message";
-        let data = "";
-        for (const line of block.split("\n")) {
-          if (line.startsWith(":")) continue;  // a comment: connected, keepalive
-          const i = line.indexOf(":");
-          const field = i < 0 ? line : line.slice(0, i);
-          const val = i < 0 ? "" : line.slice(i + 1).replace(/^ /, "");
-          if (field === "id") id = val;
-          else if (field === "event") type = val;
-          else if (field === "data") data += (data ? "\n" : "") + val;
-        }
-        if (!data) continue;
-        if (id) lastEventId = id;
-        onEvent(type, JSON.parse(data));
-      }
-    }
+  function read(response) {
+    return MS.readEventStream(response, (ev) => {
+      if (ev.id) lastEventId = ev.id;
+      onEvent(ev.type, ev.data);
+    });
   }
 
   // --- controls ---
