@@ -7,8 +7,11 @@ send tasks (it never imports the task code).
 
 from __future__ import annotations
 
+import json
 import os
+from itertools import chain
 
+import redis
 from celery import Celery
 from celery.concurrency.asynpool import AsynPool
 from celery.concurrency.prefork import TaskPool
@@ -33,6 +36,31 @@ class JobPool(TaskPool):
     child on a timer (5 s by default), which would delay the next job by up to 5 s."""
 
     Pool = _OneJobAsynPool
+
+
+def task_ids_in_broker(r: redis.Redis) -> set[str]:
+    """The ids of the tasks the Redis broker holds for our queues: waiting (at any priority
+    level) or delivered and not yet acknowledged (kombu's `unacked` hash, where a late-acked
+    job stays while it runs). Read from kombu's Redis layout: Celery has no call for it."""
+    from kombu.transport.redis import Channel
+
+    lists = [queue if priority == 0 else f"{queue}{Channel.sep}{priority}"
+             for queue in QUEUES for priority in Channel.priority_steps]
+    pipe = r.pipeline(transaction=False)
+    for key in lists:
+        pipe.lrange(key, 0, -1)
+    pipe.hvals(Channel.unacked_key)
+    *waiting, delivered = pipe.execute()
+    messages = chain(chain.from_iterable(waiting),
+                     (json.loads(raw)[0] for raw in delivered))  # [message, exchange, key]
+    ids = set()
+    for message in messages:
+        if isinstance(message, bytes | str):
+            message = json.loads(message)
+        task_id = message.get("headers", {}).get("id")
+        if task_id:
+            ids.add(task_id)
+    return ids
 
 
 def make_celery(settings: Settings) -> Celery:

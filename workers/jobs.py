@@ -487,6 +487,7 @@ class JobStore:
         outcome: dict[str, Any] = {}
 
         def change(pipe: redis.client.Pipeline) -> None:
+            outcome.clear()  # a WATCH retry starts over
             raw = pipe.hgetall(key)
             if not raw or pipe.exists(lock) or json.loads(raw["status"]) not in ACTIVE:
                 return
@@ -512,7 +513,8 @@ class JobStore:
         """Queued, unlocked jobs whose task was last sent more than `grace_s` ago (doubling
         with each re-send, up to 64 x): their message may be lost (the API died before
         sending it, a send failed, a delivery was dropped while a dead attempt's lock
-        lingered). Returns (job id, the `_sent_at` seen) pairs for `claim_resend`."""
+        lingered), which the caller checks in the broker. Returns (job id, the `_sent_at`
+        seen) pairs for `claim_resend`."""
         ids = self.r.zrange(self._index(status="queued"), 0, -1)
         if not ids:
             return []
@@ -535,6 +537,7 @@ class JobStore:
         outcome: list[str] = []
 
         def change(pipe: redis.client.Pipeline) -> None:
+            outcome.clear()  # a WATCH retry starts over
             status, sent_at, queue = pipe.hmget(key, "status", "_sent_at", "_queue")
             if status is None or json.loads(status) != "queued" or pipe.exists(lock) \
                     or (sent_at or "") != seen_sent_at:

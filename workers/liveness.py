@@ -7,9 +7,11 @@ wins: the change is a Redis transaction) and sends it again.
 
 A job can also sit `queued` with no message for it in the broker: the API died between storing
 the job and sending it, a send failed, or a pool child died holding the job's lock so that the
-redelivery was dropped. The reaper sends again every queued job that holds no lock and was
-last sent more than `RESEND_GRACE_BEATS` heartbeats ago (then twice that, and so on): a
-duplicate message is harmless (the lock and the terminal-state check drop it).
+redelivery was dropped. The reaper sends again a queued job that holds no lock, was last sent
+more than `RESEND_GRACE_BEATS` heartbeats ago (then twice that, and so on), and has no message
+in the broker, waiting or delivered: a job that waits its turn behind others, or for a `gpu`
+worker, is left alone. A duplicate that slips through anyway (a delivery in flight while the
+broker was read) is dropped by the lock and the terminal-state check.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 from celery.signals import worker_ready, worker_shutdown
 
-from workers.celery_app import RUN_JOB
+from workers.celery_app import RUN_JOB, task_ids_in_broker
 from workers.jobs import JobError, timestamp
 from workers.runner import MAX_ATTEMPTS, context, fail
 
@@ -76,7 +78,13 @@ class Liveness(threading.Thread):
 
     def resend(self, grace_s: float) -> None:
         _, store = context()
-        for job_id, sent_at in store.unsent_jobs(grace_s):
+        candidates = store.unsent_jobs(grace_s)
+        if not candidates:
+            return
+        in_broker = task_ids_in_broker(store.r)
+        for job_id, sent_at in candidates:
+            if job_id in in_broker:
+                continue  # its message waits in the queue, or a worker holds it
             queue = store.claim_resend(job_id, sent_at)
             if queue is None:
                 continue  # started, cancelled, or re-sent by another reaper meanwhile

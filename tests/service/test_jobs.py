@@ -331,6 +331,24 @@ def test_a_queued_job_whose_message_was_lost_is_sent_again(
     assert "sent again" in service.worker_logs()
 
 
+def test_a_job_waiting_in_the_broker_is_not_sent_again(service: Service, minilm_inputs: Inputs,
+                                                       tmp_path: Path) -> None:
+    """A job that waits its turn (here on `gpu`, which no test worker serves) has its message
+    in the broker: past the re-send grace (6 heartbeats) the reaper still leaves it alone."""
+    from workers.celery_app import task_ids_in_broker
+
+    job = submit(service, spec_body(minilm_inputs, tmp_path / "out", name="waiting",
+                                    options={"device": "cuda"}))
+    assert service.store.internal(job["id"])["queue"] == "gpu"
+    assert job["id"] in task_ids_in_broker(service.store.r)
+    time.sleep(9 * HEARTBEAT_S)
+    messages = [m for m in service.store.r.lrange("gpu", 0, -1) if job["id"] in m]
+    assert len(messages) == 1
+    assert f"job {job['id']}: queued for over" not in service.worker_logs()
+    with service.client() as http:
+        assert http.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
+
+
 def test_adarank_stages_are_running(service: Service, minilm_inputs: Inputs,
                                     tmp_path: Path) -> None:
     """AdaRank factorizes and optimizes before its per-tensor loop: that is the job's heavy
