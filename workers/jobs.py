@@ -6,8 +6,8 @@ The record in Redis is the source of truth (DESIGN.md section 5); Celery only ca
 Keys (prefix `ms:`):
 
 - `job:{id}`: a hash, one field per record field, each JSON-encoded, plus internal fields
-  (`_submitted_by`, `_attempts`, `_queue`, `_sent_at`, `_sends`, `_last_worker`) that the
-  API never returns.
+  (`_submitted_by`, `_attempts`, `_queue`, `_sent_at`, `_sends`, `_owner`) that the API never
+  returns.
 - `jobs`, `jobs:status:{status}`, `jobs:name:{name}`: sorted sets of job ids, all at score 0 so
   that they sort lexicographically; ids start with the creation time in hex, so a reverse
   lexicographic range is newest first and a cursor is simply the last id seen.
@@ -284,14 +284,14 @@ class JobStore:
         return records, (ids[limit - 1] if len(ids) > limit else None)
 
     def internal(self, job_id: str) -> dict[str, Any]:
-        """The fields the API does not return: `submitted_by`, `attempts`, `queue`,
-        `last_worker` (of a job requeued after its worker was lost)."""
+        """The fields the API does not return: `submitted_by`, `attempts`, `queue`, `owner`
+        (the `worker:pid` of the latest attempt that changed its state)."""
         values = self.r.hmget(self.job_key(job_id), "_submitted_by", "_attempts", "_queue",
-                              "_last_worker")
-        submitted_by, attempts, queue, last_worker = values
+                              "_owner")
+        submitted_by, attempts, queue, owner = values
         return {"submitted_by": json.loads(submitted_by) if submitted_by else None,
                 "attempts": int(attempts or 0), "queue": json.loads(queue) if queue else None,
-                "last_worker": json.loads(last_worker) if last_worker else None}
+                "owner": json.loads(owner) if owner else None}
 
     def list(self, *, status: str | None = None, name: str | None = None, limit: int = 20,
              after: str | None = None) -> tuple[list[JobRecord], str | None]:
@@ -345,7 +345,7 @@ class JobStore:
             updates = {"status": to, **fields}
             record = {k: json.loads(v) for k, v in raw.items() if k in _PUBLIC} | updates
             pipe.multi()
-            pipe.hset(key, mapping=_encode(updates))
+            pipe.hset(key, mapping=_encode(updates | ({"_owner": owner} if owner else {})))
             if current != to:
                 pipe.zrem(self._index(status=current), job_id)
                 pipe.zadd(self._index(status=to), {job_id: 0})
@@ -497,8 +497,7 @@ class JobStore:
             record = {k: json.loads(v) for k, v in raw.items() if k in _PUBLIC} | updates
             pipe.multi()
             pipe.hset(key, mapping=_encode(updates) | {
-                "_sent_at": repr(time.time()), "_sends": "0",
-                "_last_worker": raw.get("worker", "null")})
+                "_sent_at": repr(time.time()), "_sends": "0"})
             pipe.zrem(self._index(status=current), job_id)
             pipe.zadd(self._index(status="queued"), {job_id: 0})
             self._add_event(pipe, job_id, "state", {**_state_data(record),

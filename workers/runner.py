@@ -146,6 +146,7 @@ def run_job(job_id: str, *, worker: str) -> str:
                              finished_at=timestamp())
             return "cancelled before it started"
         attempt = store.add_attempt(job_id)
+        earlier = store.internal(job_id)["owner"]  # `worker:pid` of the previous attempt
         if attempt > MAX_ATTEMPTS:
             fail(store, job_id, JobError(
                 type="WorkerLost", message=f"the job was interrupted {MAX_ATTEMPTS} times "
@@ -163,12 +164,10 @@ def run_job(job_id: str, *, worker: str) -> str:
             store.transition(job_id, "cancelled", ACTIVE, owner=owner,
                              finished_at=timestamp())
             return "cancelled before it started"
-        # a previous attempt's worker that is still alive may only have stalled: its
-        # temporary directory is left to it (it stops at its next check and removes it)
-        # until this attempt has finished
-        earlier = record.worker or store.internal(job_id)["last_worker"]
-        earlier_alive = attempt > 1 and earlier is not None and any(
-            w["name"] == earlier for w in store.live_workers(3 * interval))
+        # a previous attempt that may still run has only stalled: its temporary directory
+        # is left to it (it stops at its next check and removes it) until this attempt has
+        # finished; a dead one's is removed now (a model's worth of disk)
+        earlier_alive = attempt > 1 and attempt_may_run(earlier, worker, store, interval)
         if attempt > 1 and not earlier_alive:
             remove_partial_outputs(record)
         return merge(store, record, settings, heartbeat, rerun=attempt > 1,
@@ -176,6 +175,24 @@ def run_job(job_id: str, *, worker: str) -> str:
     finally:
         heartbeat.stop()
         store.release_lock(job_id, owner)
+
+
+def attempt_may_run(owner: str | None, worker: str, store: JobStore, interval: float) -> bool:
+    """Whether the process of an attempt (`owner` = `worker:pid`) may still be running: a
+    child of this very worker is looked up by its pid; another worker's children only by that
+    worker's heartbeat."""
+    if owner is None:
+        return False
+    name, _, pid = owner.rpartition(":")
+    if name != worker:
+        return any(w["name"] == name for w in store.live_workers(3 * interval))
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
 
 
 def merge(store: JobStore, record: JobRecord, settings: Settings, heartbeat: LockHeartbeat,
