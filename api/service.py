@@ -78,13 +78,16 @@ class JobService:
                                       queue=queue)
             except Exception as exc:
                 log.exception("job %s: cannot enqueue", record.id)
-                self.store.transition(record.id, "failed", {"queued"},
-                                      finished_at=timestamp(),
-                                      error=JobError(type="EnqueueError",
-                                                     message="the broker refused the job"
-                                                     ).model_dump())
-                raise Unavailable("the job could not be queued: the broker is unavailable"
-                                  ) from exc
+                failed = self.store.transition(record.id, "failed", {"queued"},
+                                               finished_at=timestamp(),
+                                               error=JobError(type="EnqueueError",
+                                                              message="the broker refused the "
+                                                              "job").model_dump())
+                if failed is not None:
+                    raise Unavailable("the job could not be queued: the broker is "
+                                      "unavailable") from exc
+                # the send went through after all: a worker has taken the job
+                log.warning("job %s: the send raised, yet a worker has the job", record.id)
         except BaseException:
             if claim is not None:  # no queued job came of it: the key may be used again
                 self.store.release_idempotency(claim, record.id if record else None)
