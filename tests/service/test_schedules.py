@@ -1200,3 +1200,32 @@ def test_an_adapter_that_could_not_be_read_is_no_reason_to_merge(env: Env, tmp_p
     assert env.wait_job(back["job_id"]).status == "succeeded"
     assert env.post(f"/v1/schedules/{sid}/run").json()["status"] == "skipped"
     assert env.client.delete(f"/v1/schedules/{sid}", headers=env.headers()).status_code == 204
+
+
+def test_an_unreadable_adapter_beside_one_left_out_for_good_is_no_reason_to_merge(
+        env: Env, tmp_path: Path) -> None:
+    """Merged: qv, pattern, rslora. Then rslora cannot be read and a DoRA adapter appears: a
+    merge would merge nothing new (the DoRA one is left out) and only drop rslora: skipped."""
+    adapters = {name: copy_adapter(env.adapters[name], tmp_path / name)
+                for name in ("qv", "pattern", "rslora")}
+    dora = tmp_path / "dora"  # not there yet: unreadable at first
+    schedule = create(env, schedule_body(env, "dora-and-flaky", {"sources": [
+        *(str(path) for path in adapters.values()), str(dora)]}, str(tmp_path / "out"),
+        paused=True))
+    sid = schedule["id"]
+    first = env.post(f"/v1/schedules/{sid}/run").json()
+    assert first["status"] == "submitted" and len(first["merged"]) == 3, first
+    assert env.wait_job(first["job_id"]).status == "succeeded"
+
+    copy_adapter(env.adapters["qv"], dora, use_dora=True)
+    away = adapters["rslora"].rename(tmp_path / "away")
+    run = env.post(f"/v1/schedules/{sid}/run").json()
+    assert run["status"] == "skipped" and run["job_id"] is None, run
+    assert "but for 1 adapter(s) that could not be read" in run["reason"], run
+    left_out = {o["name"]: o for o in run["left_out"]}
+    assert left_out["dora"]["transient"] is False and left_out["rslora"]["transient"], run
+    away.rename(adapters["rslora"])
+    back = env.post(f"/v1/schedules/{sid}/run").json()  # rslora read again, dora left out
+    assert back["status"] == "submitted" and len(back["merged"]) == 3, back
+    env.wait_job(back["job_id"])
+    assert env.client.delete(f"/v1/schedules/{sid}", headers=env.headers()).status_code == 204

@@ -28,10 +28,11 @@ An adapter resolved here but found unreadable by the job's preflight (`Ticker` l
 is counted unread in the fingerprint of the job: the next tick, which resolves it to a
 revision, is a change and tries it again.
 
-An unreadable adapter is no reason to merge either: when everything read is as the last
-successful run merged it (same base, same adapters at the same revisions) and each of that
-run's adapters missing now could not be read, the tick skips (`ticks.only_unread_changed`)
-instead of pushing a merge without them, and tries them again at the next tick.
+An unreadable adapter is no reason to merge either: when everything a merge now would merge
+was merged by the last successful run (same base, same adapters at the same revisions) and
+each adapter that run merged and is missing now could not be read, the tick skips
+(`ticks.only_unread_changed`) instead of pushing a merge without them, and tries them again at
+the next tick. Adapters left out for good are merged neither then nor now and do not count.
 """
 
 from __future__ import annotations

@@ -6,19 +6,19 @@ Keys (prefix `ms:`, the job store's):
   fingerprint, never returned); `schedules`: the ids, sorted (ids start with the creation time).
 - `schedule:{id}:runs`: the run records, newest first, the last `RUNS_KEPT`.
 - `schedule:{id}:open`: jobs submitted by the schedule (or retried from one of its jobs) that
-  had not ended when last looked at (job id -> run id and fingerprint);
-  `schedule:{id}:last_success`: the fingerprint, run and job of the latest run whose job
+  had not ended when last looked at (job id -> run id, fingerprint, base, merged adapters);
+  `schedule:{id}:last_success`: the same, and the job, of the latest run whose job
   succeeded; `schedule:{id}:retried`: each retry of a schedule's job -> the run it repeats.
 - `schedule:{id}:tick`: held while a tick of the schedule runs (`TICK_LOCK_S`, renewed every
   `TICK_RENEW_S` while the tick runs: a scheduler killed mid-tick holds it a minute at most);
   `schedule:{id}:fired:{slot}`: claimed by the scheduler that fires a tick (a second scheduler
   that fires the same one, in a lock hand-over, finds it claimed).
+- `redbeat:{id}`, `redbeat::schedule`, `redbeat::lock`: celery-redbeat's entry of each active
+  (not paused) schedule, its due times, and the lock that lets one scheduler fire at a time.
 
 Everything a tick writes (its run, its open job, the last success) is written only while
 `schedule:{id}` exists, in one Redis script, so that a tick that overlaps a delete leaves no key
 behind; `delete` removes every key above.
-- `redbeat:{id}`, `redbeat::schedule`, `redbeat::lock`: celery-redbeat's entry of each active
-  (not paused) schedule, its due times, and the lock that lets one scheduler fire at a time.
 """
 
 from __future__ import annotations
@@ -122,7 +122,8 @@ def register_retry(jobs: JobStore, schedule_id: str, original_job_id: str, retry
 
 
 def _job_origin(jobs: JobStore, schedule_id: str, job_id: str) -> dict[str, Any] | None:
-    """The run (`run_id`, `fingerprint`) a job of the schedule was submitted for."""
+    """The run a job of the schedule was submitted for: `run_id`, `fingerprint`, `base` and
+    the adapters it `merged`."""
     for part in ("open", "retried"):
         raw = jobs.r.hget(schedule_key(jobs, schedule_id, part), job_id)
         if raw:
@@ -130,10 +131,9 @@ def _job_origin(jobs: JobStore, schedule_id: str, job_id: str) -> dict[str, Any]
     for raw in jobs.r.lrange(schedule_key(jobs, schedule_id, "runs"), 0, -1):
         run = ScheduleRun.model_validate_json(raw)
         if run.job_id == job_id and run.fingerprint:
-            unread = {(o.origin, o.revision) for o in run.left_out if o.transient}
             return {"run_id": run.id, "fingerprint": run.fingerprint, "base": run.base,
-                    "pinned": [[a.origin, a.revision] for a in run.adapters
-                               if (a.origin, a.revision) not in unread]}
+                    "merged": [[a.origin, a.revision] for a in run.adapters
+                               if a.name in run.merged]}
     return None
 
 
@@ -354,12 +354,12 @@ class ScheduleStore:
                                ex=SLOT_CLAIM_S))
 
     def add_open(self, schedule_id: str, job_id: str, run_id: str, fingerprint: str, *,
-                 base: str | None = None, pinned: list[PinnedAdapter] | None = None) -> bool:
-        """False when the schedule is gone. `base` and `pinned` (the adapters the job reads or
-        left out for good) tell a later tick whether only unreadable adapters changed."""
+                 base: str | None = None, merged: list[PinnedAdapter] | None = None) -> bool:
+        """False when the schedule is gone. `base` and `merged` (the adapters the job merges)
+        tell a later tick whether only unreadable adapters changed."""
         entry: dict[str, Any] = {"run_id": run_id, "fingerprint": fingerprint}
-        if pinned is not None:
-            entry |= {"base": base, "pinned": [[a.origin, a.revision] for a in pinned]}
+        if merged is not None:
+            entry |= {"base": base, "merged": [[a.origin, a.revision] for a in merged]}
         return bool(self._set_field(
             keys=[self._key(schedule_id), self._key(schedule_id, "open")],
             args=[job_id, json.dumps(entry)]))

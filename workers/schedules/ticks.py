@@ -186,8 +186,7 @@ class Ticker:
                         problems=[RunProblem.of(p) for p in problems]))
                 candidates = [a for a in candidates if a.name not in failing]
                 unread = [o for o in draft.left_out if o.transient]
-                if only_unread_changed(last_success, found.base,
-                                       _readable(found.adapters, unread), unread):
+                if only_unread_changed(last_success, found.base, candidates, unread):
                     return draft.done("skipped", _unread_reason(last_success, unread))
                 continue
             except ApiError as exc:
@@ -198,7 +197,7 @@ class Ticker:
             readable = _readable(found.adapters, unread)
             draft.fingerprint = fingerprint(found.base, readable, unread)
             if not self.schedules.add_open(schedule.id, record.id, draft.id, draft.fingerprint,
-                                           base=found.base, pinned=readable):
+                                           base=found.base, merged=candidates):
                 # deleted between the check above and now: the job is nobody's
                 self.jobs.store.request_cancel(record.id)
                 self.jobs.store.transition(record.id, "cancelled", {"queued"},
@@ -215,16 +214,17 @@ def _readable(adapters: list[PinnedAdapter], unread: list[LeftOut]) -> list[Pinn
 
 
 def only_unread_changed(last_success: dict[str, Any] | None, base: str,
-                        readable: list[PinnedAdapter], unread: list[LeftOut]) -> bool:
-    """True when some adapters could not be read and everything else is as the last successful
-    run merged it: each adapter read now was in it at the same revision, on the same base, and
-    each of its adapters missing now is one that could not be read. Merging would drop the
-    unread ones from the destination until they are read again, and then merge again."""
-    if not unread or last_success is None or "pinned" not in last_success \
+                        to_merge: list[PinnedAdapter], unread: list[LeftOut]) -> bool:
+    """True when some adapters could not be read and a merge now would merge nothing the last
+    successful run did not: each adapter `to_merge` was merged by it at the same revision, on
+    the same base, and each adapter it merged that is missing now could not be read. Merging
+    would only drop the unread ones from the destination until they are read again (adapters
+    left out for good, then or now, are merged neither time and do not count)."""
+    if not unread or last_success is None or "merged" not in last_success \
             or last_success.get("base") != base:
         return False
-    last = {(origin, revision) for origin, revision in last_success["pinned"]}
-    now = {(a.origin, a.revision) for a in readable}
+    last = {(origin, revision) for origin, revision in last_success["merged"]}
+    now = {(a.origin, a.revision) for a in to_merge}
     unread_origins = {o.origin for o in unread}
     return now <= last and all(origin in unread_origins for origin, _ in last - now)
 
