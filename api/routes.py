@@ -90,7 +90,8 @@ def get_job_events(request: Request, job_id: JobId, principal: Reader,
             "stream, each `data` with its `job_id` (a new job: its `queued` state event). "
             "Starts after the newest event at the time of the request (or after "
             "`Last-Event-ID`) and stays open; a `: keepalive` comment comes every 15 s "
-            "without events.",
+            "without events. Resumed after events that are no longer kept, it first sends "
+            "`event: reset` (read the job list again).",
             responses={200: {"content": {"text/event-stream": {}},
                              "description": "`event: state|progress`, `data`: JSON with "
                                             "`job_id`"}})

@@ -4,8 +4,11 @@ Each event is `id: <stream id>`, `event: state|progress`, `data: <json>`. A clie
 reconnects with `Last-Event-ID` gets what it missed (events live in Redis streams). A job's
 stream starts, without it, from the job's first event and ends after the terminal state event.
 The list stream (every job's events, each `data` with its `job_id`) starts from the events
-after the request and never ends by itself. Both send a `: keepalive` comment after
-`KEEPALIVE_MS` without events, and end (the client resumes) if Redis fails mid-stream.
+after the request and never ends by itself; resumed from a `Last-Event-ID` older than the
+oldest event it still holds (it keeps the latest `ALL_EVENTS_MAXLEN`), it first sends an
+`event: reset`: events were dropped, read `GET /v1/jobs` again. Both send a `: keepalive`
+comment after `KEEPALIVE_MS` without events, and end (the client resumes) if Redis fails
+mid-stream.
 """
 
 from __future__ import annotations
@@ -66,6 +69,11 @@ async def job_events(client: aioredis.Redis, store: JobStore, job_id: str, after
         yield UNAVAILABLE
 
 
+def _stream_id(value: str) -> tuple[int, int]:
+    milliseconds, _, sequence = value.partition("-")
+    return int(milliseconds), int(sequence or 0)
+
+
 async def latest_event_id(client: aioredis.Redis, store: JobStore) -> str:
     """Where a new list stream starts: after the newest event now (fixed before the response
     starts, so a client that lists the jobs once the stream is open misses nothing)."""
@@ -80,6 +88,10 @@ async def all_events(client: aioredis.Redis, store: JobStore, after: str) -> Asy
     cursor = after
     try:
         yield ": connected\n\n"  # the headers go out at once; the client knows it is live
+        oldest = await client.xrange(key, count=1)
+        if oldest and after != "0-0" and _stream_id(after) < _stream_id(oldest[0][0]):
+            yield ("event: reset\ndata: {\"reason\": \"events after Last-Event-ID were "
+                   "dropped; read GET /v1/jobs again\"}\n\n")
         while True:
             answer = await client.xread({key: cursor}, count=500, block=KEEPALIVE_MS)
             if not answer:

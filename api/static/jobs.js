@@ -182,6 +182,7 @@
   }
 
   function onEvent(type, data) {
+    if (type === "reset") { refresh(); return; }  // events were missed: the list afresh
     const id = data.job_id;
     for (const changed of reads) changed.add(id);
     const job = jobs.get(id);

@@ -126,6 +126,7 @@ def test_all_jobs_on_one_stream_and_resume(service: Service, minilm_inputs: Inpu
             timeout=timeout) as response:
         resumed = []
         for block in sse(response.iter_lines()):
+            assert block.get("event") != "reset"  # nothing it missed was dropped
             if "event" in block and block["data"]["job_id"] in ours:
                 resumed.append(block)
             if len(resumed) == 3:
@@ -134,6 +135,23 @@ def test_all_jobs_on_one_stream_and_resume(service: Service, minilm_inputs: Inpu
     with service.client("read") as reader:
         bad = reader.get("/v1/events", headers={"Last-Event-ID": "not-an-id"})
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "BadRequest"
+
+
+def test_resuming_after_dropped_events_is_told_to_reset(service: Service,
+                                                        minilm_inputs: Inputs,
+                                                        tmp_path: Path) -> None:
+    """A client further behind than the list stream keeps (its oldest event is later than the
+    client's Last-Event-ID) is sent `event: reset` first: read the list again."""
+    with service.client("submit") as http:  # at least one event in the stream
+        job = quiet_job(http, minilm_inputs, tmp_path / "out", "reset-me")
+        assert http.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+    timeout = httpx.Timeout(10, read=READ_TIMEOUT_S)
+    with service.client("read") as reader, reader.stream(
+            "GET", "/v1/events", headers={"Last-Event-ID": "1-0"}, timeout=timeout) as response:
+        blocks = sse(response.iter_lines())
+        assert next(blocks) == {"comment": "connected"}
+        reset = next(blocks)
+    assert reset["event"] == "reset" and "GET /v1/jobs" in reset["data"]["reason"]
 
 
 def test_redis_down_is_a_503_in_the_error_shape(tmp_path: Path) -> None:
