@@ -4,8 +4,9 @@
 mode: every request is allowed, and `merge-service api`/`up` refuse to bind anything but a
 loopback address. `LocalOnly` guards local mode inside the app too: requests from a
 non-loopback address (a server started some other way), for a host name other than a loopback
-one (a web page whose DNS name was rebound to 127.0.0.1), or writes that a page of another
-origin sends (cross-site requests need no DNS trick) are refused.
+one (a web page whose DNS name was rebound to 127.0.0.1), forwarded by a proxy for another
+address, or writes that a page of another origin sends (cross-site requests need no DNS
+trick) are refused.
 
 Keys are compared in constant time and never logged or returned; a key is known elsewhere only
 by its fingerprint (a truncated sha256).
@@ -141,7 +142,7 @@ class LocalOnly:
         self.app = app
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] in {"http", "websocket"}:
+        if scope["type"] == "http":
             reason = self._refusal(scope)
             if reason is not None:
                 error = Forbidden(f"{reason}; without MERGE_SERVICE_API_KEYS the service is "
@@ -160,6 +161,12 @@ class LocalOnly:
         host = _host_name(headers.get("host", ""))
         if not is_loopback(host):
             return f"requests for host {host or '(none)'!r} are refused"
+        for name in ("x-forwarded-for", "x-real-ip"):  # a local proxy's client, elsewhere
+            forwarded = [v.strip() for v in headers.get(name, "").split(",") if v.strip()]
+            if any(not is_loopback(v) for v in forwarded):
+                return f"requests forwarded for {forwarded[0]!r} are refused"
+        if "forwarded" in headers:
+            return "requests through a proxy (Forwarded) are refused"
         origin = headers.get("origin")
         if origin is not None and scope.get("method") in self.unsafe \
                 and not is_loopback(urlsplit(origin).hostname):

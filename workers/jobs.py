@@ -17,8 +17,9 @@ Keys (prefix `ms:`):
 - `job:{id}:cancel`, `job:{id}:lock`, `job:{id}:report`: cancel flag; the lock a running
   worker holds and refreshes (its expiry means the worker died); the finished job's
   `merge_report.json`.
-- `idem:{scope}:{digest}`: an `Idempotency-Key` and the job it created, for a day; while the
-  request that claimed the key runs, `pending:{token}:{body digest}`.
+- `idem:{sha256 of scope:key}`: an `Idempotency-Key` (scoped to the caller) and the job it
+  created, for a day; while the request that claimed the key runs,
+  `pending:{token}:{body digest}`.
 - `workers`, `worker:{name}`: live workers (last heartbeat, queues) for routing and readiness.
 """
 

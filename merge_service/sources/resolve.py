@@ -178,12 +178,19 @@ def _fetch_header(repo_id: str, sha: str, filename: str, hub: HubOptions) -> byt
     headers = build_hf_headers(token=hub.token)
 
     def read(start: int, end: int) -> bytes:
-        response = get_session().get(url, headers={**headers, "Range": f"bytes={start}-{end}"},
-                                     timeout=60)
-        hf_raise_for_status(response)
-        # a server that ignores Range sends the whole file from byte 0
-        return response.content[start:end + 1] if response.status_code == 200 \
-            else response.content
+        with get_session().stream("GET", url, timeout=60,
+                                  headers={**headers, "Range": f"bytes={start}-{end}"}
+                                  ) as response:
+            hf_raise_for_status(response)
+            # a server that ignores Range sends the whole file from byte 0: read no further
+            # than the range asked for, and let the rest go
+            skip = start if response.status_code == 200 else 0
+            wanted, chunks = skip + end - start + 1, bytearray()
+            for chunk in response.iter_bytes():
+                chunks += chunk
+                if len(chunks) >= wanted:
+                    break
+            return bytes(chunks[skip:wanted])
 
     content = read(0, _FIRST_READ - 1)
     if len(content) < 8:

@@ -61,6 +61,18 @@ def test_non_loopback_clients_are_refused(connect) -> None:
         assert client[0] in refusal(connect(client).get("/v1/jobs"))
 
 
+def test_requests_a_local_proxy_forwards_from_elsewhere_are_refused(connect) -> None:
+    """A reverse proxy on this machine (nginx sends Host 127.0.0.1 from a loopback client)
+    tells who it forwards for."""
+    http = connect()
+    for header, value in (("X-Forwarded-For", "203.0.113.9"),
+                          ("X-Forwarded-For", "127.0.0.1, 198.51.100.4"),
+                          ("X-Real-IP", "198.51.100.4"),
+                          ("Forwarded", "for=198.51.100.4;proto=https")):
+        refusal(http.get("/v1/jobs", headers={header: value}))
+    assert http.get("/v1/jobs", headers={"X-Forwarded-For": "127.0.0.1"}).status_code == 200
+
+
 def test_writes_from_other_origins_are_refused(connect) -> None:
     """A cross-site form or fetch reaches 127.0.0.1 with the right Host: its Origin tells."""
     http = connect()
