@@ -278,6 +278,7 @@ class HubStandIn:
         self._connections: set[socket.socket] = set()
         self._commit_count = 0
         self._collections: dict[str, Collection] = {}  # slug -> collection
+        self.honour_range = True  # False: file bodies always whole (a mirror without ranges)
         self._routes = [(server, method, pattern, name, getattr(self, name))
                         for name in dir(type(self))
                         for server, method, pattern in getattr(getattr(type(self), name),
@@ -618,7 +619,7 @@ class HubStandIn:
                                         "X-Linked-Etag": f'"{file.sha256}"',
                                         "X-Linked-Size": str(file.size),
                                         "Content-Type": "text/plain; charset=utf-8"})
-        return _content(request, file.content, headers)
+        return _content(request, file.content, headers, self.honour_range)
 
     def _writable_repo(self, request: Incoming, repo_id: str) -> Repo:
         """A repo the token may write to: 401 without a (known) token, RepoNotFound if it cannot
@@ -821,14 +822,17 @@ class HubStandIn:
         content = self._blobs.get(sha256)
         if content is None:
             return Response(404, b"NoSuchKey", {"Content-Type": "text/plain"})
-        return _content(request, content, {"ETag": f'"{sha256}"', "Accept-Ranges": "bytes"})
+        return _content(request, content, {"ETag": f'"{sha256}"', "Accept-Ranges": "bytes"},
+                        self.honour_range)
 
 
-def _content(request: Incoming, content: bytes, headers: dict[str, str]) -> Response:
-    """A file body, honouring `Range: bytes=a-[b]` (the client resumes downloads with it)."""
+def _content(request: Incoming, content: bytes, headers: dict[str, str],
+             ranges: bool = True) -> Response:
+    """A file body, honouring `Range: bytes=a-[b]` (the client resumes downloads with it)
+    unless `ranges` is off."""
     headers = {"Content-Type": "application/octet-stream", **headers}
     match = re.fullmatch(r"bytes=(\d+)-(\d*)", request.headers.get("range", ""))
-    if not match:
+    if not match or not ranges:
         return Response(200, content, headers)
     start = int(match[1])
     end = min(int(match[2]) if match[2] else len(content) - 1, len(content) - 1)

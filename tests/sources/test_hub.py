@@ -510,6 +510,22 @@ def test_a_header_longer_than_the_first_read_takes_a_second_range(hub: HubStandI
     assert set(infos(found.path)) == set(many)
 
 
+def test_headers_only_from_a_server_that_ignores_ranges(hub: HubStandIn,
+                                                        tmp_path: Path) -> None:
+    """A mirror that answers every range with the whole file (200): the header is still
+    taken from its first bytes, and the stand-ins are the same."""
+    many = {f"model.layers.{i}.scale": torch.ones(2) for i in range(1500)}  # a long header
+    hub.add_repo("org/many", model_repo("org/many", many))
+    hub.honour_range = False
+
+    found, problems = resolve_source("org/many", "base", headers_options(tmp_path, hub.url),
+                                     weights=False)
+
+    assert problems == [] and found is not None
+    assert {status for _, _, status in weight_reads(hub, "org/many")} == {200}
+    assert set(infos(found.path)) == set(many)
+
+
 def test_headers_only_still_finds_a_truncated_file(hub: HubStandIn, tmp_path: Path) -> None:
     whole = save(tensors(0))
     hub.add_repo("org/cut", {"config.json": config("org/cut"), "model.safetensors": whole[:-64]})
