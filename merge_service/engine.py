@@ -93,12 +93,16 @@ class PreparedMerge:
     target_rank: int | None
     device: torch.device
     compute_dtype: torch.dtype
-    output_dtype: torch.dtype
+    output_dtype: torch.dtype | None  # None: each tensor in its base tensor's dtype
     destination: Path
     merged: list[str]  # tensor names the method runs on
     copied: list[str]  # tensor names copied from the base
     timings: dict[str, float] = field(default_factory=dict)
     push: HubPush | None = None  # hub:// destinations: `destination` is a staging directory
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        """The dtype tensor `name` (of the base) is written in: `output.dtype`, else its own."""
+        return self.output_dtype or self.base.tensors[name].dtype
 
     def close(self) -> None:
         self.base.close()
@@ -195,7 +199,7 @@ def prepare(spec: JobSpec, *, overwrite: bool = False, hub: HubOptions | None = 
 
     merged, copied = _plan(spec, base, inputs)
     resolved_spec = _pinned_spec(spec, resolved)  # type: ignore[arg-type]
-    out_dtype = _DTYPES[spec.output.dtype] if spec.output.dtype else base.floating_dtype()
+    out_dtype = _DTYPES[spec.output.dtype] if spec.output.dtype else None
     prepared = PreparedMerge(
         spec=spec, resolved_spec=resolved_spec, base_source=resolved[0],  # type: ignore[arg-type]
         base=base, inputs=inputs, method=method, space=space, target_rank=target_rank,
@@ -260,7 +264,7 @@ def execute(prepared: PreparedMerge, *, overwrite: bool = False,
                                reader)
                 if name not in merged:
                     if writer is not None:
-                        writer.add(name, _cast_output(p.base.get(name), p.output_dtype))
+                        writer.add(name, _cast_output(p.base.get(name), p.dtype_of(name)))
                 elif whole is not None:
                     out.add_merged(p, name, whole.tensor(name))
                     tensor_report[name] = whole.info(name)
@@ -359,9 +363,9 @@ class _Outputs:
     def add_merged(self, p: PreparedMerge, name: str, value: torch.Tensor) -> None:
         """A merged full tensor `θ0 + Δ` (not a LoRA module)."""
         if self.model is not None:
-            self.model.add(name, _cast_output(value, p.output_dtype))
+            self.model.add(name, _cast_output(value, p.dtype_of(name)))
         if self.adapter is not None:  # modules_to_save, biases: stored whole, under their key
-            self.adapter.add_tensor(_extra_key(p, name), _cast_output(value, p.output_dtype))
+            self.adapter.add_tensor(_extra_key(p, name), _cast_output(value, p.dtype_of(name)))
 
 
 def _merge_tensor(p: PreparedMerge, name: str, out: _Outputs) -> dict[str, Any]:
@@ -394,7 +398,7 @@ def _merge_tensor(p: PreparedMerge, name: str, out: _Outputs) -> dict[str, Any]:
         out.add_merged(p, name, base.add_(result.delta))
     if out.artifact is not None:
         for key, value in result.artifact.items():
-            out.artifact.add(name, key, _cast_output(value, p.output_dtype))
+            out.artifact.add(name, key, _cast_output(value, p.dtype_of(name)))
     return {"action": "merged", **task.diagnostics}
 
 
@@ -468,18 +472,18 @@ def _merge_lora_module(p: PreparedMerge, name: str, out: _Outputs) -> dict[str, 
         assert isinstance(space, CoreSpace)
         stored = {**result.artifact, "shared::u_b": space.u_b, "shared::v_a": space.v_a}
         for key, value in stored.items():
-            out.artifact.add(name, key, _cast_output(value, p.output_dtype))
+            out.artifact.add(name, key, _cast_output(value, p.dtype_of(name)))
     if out.adapter is not None:
         assert isinstance(space, CoreSpace)
         a, b = space.to_lora(merged, p.target_rank)
         module = _lora_module(p, name)
         assert module is not None
-        out.adapter.add_module(module, _cast_output(a, p.output_dtype),
-                               _cast_output(b, p.output_dtype))
+        out.adapter.add_module(module, _cast_output(a, p.dtype_of(name)),
+                               _cast_output(b, p.dtype_of(name)))
         info["rank"] = a.shape[0]
     if out.model is not None:
         base = p.base.get(name).to(p.device, p.compute_dtype)
-        out.model.add(name, _cast_output(base.add_(space.to_full(merged)), p.output_dtype))
+        out.model.add(name, _cast_output(base.add_(space.to_full(merged)), p.dtype_of(name)))
     return info
 
 
@@ -509,6 +513,14 @@ def _served_format(p: PreparedMerge) -> str | None:
     if fmt == "reversible":
         return "lora" if p.space == "core" else "full"
     return None if fmt in ARTIFACT_FORMATS else fmt
+
+
+def _dtype_text(p: PreparedMerge) -> str:
+    """`output.dtype`, else the base's floating dtype(s): one name, or each tensor's own."""
+    dtypes = {p.output_dtype} if p.output_dtype else {
+        i.dtype for i in p.base.tensors.values() if i.is_float}
+    names = sorted(str(d).removeprefix("torch.") for d in dtypes)
+    return names[0] if len(names) == 1 else f"as in the base, per tensor ({', '.join(names)})"
 
 
 def _cast_output(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -557,7 +569,7 @@ def _report(p: PreparedMerge, tensors: dict[str, dict[str, Any]], timings: dict[
         "device": str(p.device),
         "compute_dtype": str(p.compute_dtype).removeprefix("torch."),
         "output": {"format": p.spec.output.format,
-                   "dtype": str(p.output_dtype).removeprefix("torch."), "bytes": out_bytes},
+                   "dtype": _dtype_text(p), "bytes": out_bytes},
         "summary": {
             "merged": sum(1 for t in tensors.values() if t["action"] == "merged"),
             "unchanged": sum(1 for t in tensors.values() if t["action"] == "unchanged"),
@@ -571,10 +583,10 @@ def _report(p: PreparedMerge, tensors: dict[str, dict[str, Any]], timings: dict[
     if artifact is not None:
         # the whole output (served model and artifact files) against keeping every task model
         # whole, in the output dtype; and against the inputs as given (LoRA: the T adapters)
-        whole = len(p.inputs) * sum(i.numel for i in p.base.tensors.values()) \
-            * p.output_dtype.itemsize
-        given = sum(i.numel for t in p.inputs for i in t.model.tensors.values()
-                    if i.is_float) * p.output_dtype.itemsize
+        whole = len(p.inputs) * sum(i.numel * p.dtype_of(n).itemsize
+                                    for n, i in p.base.tensors.items())
+        given = sum(i.nbytes for t in p.inputs for i in t.model.tensors.values()
+                    if i.is_float)
         report["output"]["size_ratio"] = round(out_bytes / whole, 6) if whole else 0
         report["output"]["size_ratio_to_inputs"] = round(out_bytes / given, 6) if given else 0
         report["output"]["bytes_by_file"] = {

@@ -70,25 +70,26 @@ def revert(artifact_dir: Path, task: str, out: Path, *, overwrite: bool = False,
 def _write(artifact: Artifact, base: Checkpoint, base_path: Path, spec: JobSpec, task: str,
            parts: dict[str, dict[str, str]], out: Path, overwrite: bool,
            report: ProgressCallback, shard_bytes: int, started: float) -> MergeResult:
-    out_dtype = artifact.floating_dtype() or base.floating_dtype()
     # exact sums in the artifact's precision, never below float32
-    work = torch.float64 if torch.float64 in (out_dtype, base.floating_dtype()) \
-        else torch.float32
+    work = torch.float64 if torch.float64 in (artifact.floating_dtype(),
+                                              base.floating_dtype()) else torch.float32
     names = sorted(base.tensors)
     sink = LocalDirectorySink(out, overwrite=overwrite)
     with sink as tmp:
         writer = ShardedSafetensorsWriter(tmp, "model", shard_bytes, expected=names)
         for done, name in enumerate(names):
             report(Progress("reverting", done, len(names), name))
-            value = base.get(name)
+            value = base.get(name)  # a tensor the artifact does not cover: as in the base
             if name in parts:
+                # a recovered tensor in the dtype the merge stored its parts in
+                out_dtype = artifact.tensors[next(iter(parts[name].values()))].dtype
                 delta = artifact.task_delta(name, parts[name], work)
                 if delta.shape != value.shape:
                     raise InvalidInputError(Problem(
                         f"the recovered delta has shape {list(delta.shape)}, the base tensor "
                         f"{list(value.shape)}", model="artifact", tensor=name))
-                value = value.to(work).add_(delta)
-            writer.add(name, value.to(out_dtype) if value.is_floating_point() else value)
+                value = value.to(work).add_(delta).to(out_dtype)
+            writer.add(name, value)
         report(Progress("reverting", len(names), len(names), None))
         files = writer.finish() + copy_model_files(base_path, tmp)
         result_report = {"reverted_task": task, "artifact": str(artifact.directory),

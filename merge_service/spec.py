@@ -61,7 +61,9 @@ class OutputOptions(_Strict):
     """`output` less its destination (a schedule's template holds these)."""
 
     format: OutputFormat = "full"
-    dtype: OutputDtype | None = Field(None, description="default: the base model's dtype")
+    dtype: OutputDtype | None = Field(None, description="default: the base model's dtype, "
+                                      "tensor by tensor (a float32 norm in a bfloat16 model "
+                                      "stays float32)")
     private: bool = True
     create_pr: bool = False
     shard_size: str | int = "5GB"

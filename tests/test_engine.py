@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from concurrent.futures import Executor
 from pathlib import Path
 
@@ -279,6 +280,29 @@ def test_output_dtype_defaults_to_the_base_dtype(synthetic: Synthetic, tmp_path:
     report = merge(synthetic, out)
     assert report["output"]["dtype"] == "bfloat16"
     assert {v.dtype for v in read_tensors(out).values()} == {torch.bfloat16, torch.int64}
+
+
+def test_without_output_dtype_each_tensor_keeps_its_base_dtype(synthetic: Synthetic,
+                                                               tmp_path: Path) -> None:
+    """A bfloat16 checkpoint that keeps some tensors in float32 on purpose (norms, a scale):
+    merged, excluded or unchanged, each is written in its own dtype, not the most common one."""
+    kept = sorted(n for n, v in synthetic.base_tensors.items()
+                  if v.is_floating_point() and v.dim() == 1)[:2]
+    assert len(kept) == 2
+    for path, tensors in [(synthetic.base, synthetic.base_tensors),
+                          *zip(synthetic.tasks, synthetic.task_tensors, strict=True)]:
+        write_checkpoint(path, {k: v.bfloat16() if v.is_floating_point() and k not in kept
+                                else v for k, v in tensors.items()})
+    out = tmp_path / "mixed"
+    report = merge(synthetic, out, options={"exclude": [f"^{re.escape(kept[1])}$"]})
+    assert report["output"]["dtype"] == "as in the base, per tensor (bfloat16, float32)"
+    written = read_tensors(out)
+    for name, value in written.items():
+        base = synthetic.base_tensors[name]
+        expected = base.dtype if name in kept or not base.is_floating_point() \
+            else torch.bfloat16
+        assert value.dtype == expected, name
+    assert torch.equal(written[kept[1]], synthetic.base_tensors[kept[1]])  # excluded: as is
 
 
 @pytest.mark.parametrize(("dtype", "torch_dtype"), [("bfloat16", torch.bfloat16),
