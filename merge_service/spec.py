@@ -181,13 +181,46 @@ def load_spec(path: str | Path) -> JobSpec:
 
 
 def parse_spec_text(text: str, json_only: bool = False) -> JobSpec:
+    """A key given twice in one mapping is an error, as an unknown field is: YAML and JSON
+    parsers would keep the last one silently."""
     try:
-        data = json.loads(text) if json_only else yaml.safe_load(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys) if json_only \
+            else yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except json.JSONDecodeError as exc:
+        raise SpecError(Problem(f"the spec is not valid JSON: {exc}")) from None
+    except _DuplicateKey as exc:
         raise SpecError(Problem(f"the spec is not valid JSON: {exc}")) from None
     except yaml.YAMLError as exc:
         raise SpecError(Problem(f"the spec is not valid YAML: {_yaml_error(exc)}")) from None
     return spec_from_dict(data)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(f"the key {key!r} is given twice in one object")
+        seen[key] = value
+    return seen
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice in one mapping",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _yaml_error(exc: yaml.YAMLError) -> str:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
+from merge_service import spec as spec_module
 from merge_service.errors import Problem, SpecError
 from merge_service.spec import (
     JobSpec,
@@ -73,6 +74,25 @@ def test_yaml_and_json_files_parse_identically(tmp_path: Path) -> None:
 
 def test_json_text_is_also_accepted_by_the_yaml_reader() -> None:
     assert parse_spec_text(json.dumps(FULL)) == parse_spec_text(json.dumps(FULL), json_only=True)
+
+
+@pytest.mark.parametrize(("text", "json_only", "expected"), [
+    ("base: b\nmethod: {name: ties}\nmethod: {name: task_arithmetic}\n", False,
+     "line 3, column 1: the key 'method' is given twice in one mapping"),
+    ("base: b\noptions: {seed: 1, seed: 2}\n", False, "the key 'seed' is given twice"),
+    ('{"base": "b", "base": "c"}', True, "JSON: the key 'base' is given twice in one object"),
+])
+def test_a_key_given_twice_is_an_error(text: str, json_only: bool, expected: str) -> None:
+    """A second `method:` must not silently replace the first (the parsers keep the last)."""
+    with pytest.raises(SpecError) as info:
+        parse_spec_text(text, json_only=json_only)
+    assert expected in info.value.problems[0].message
+
+
+def test_yaml_merge_keys_are_still_read() -> None:
+    text = "defaults: &d {seed: 3}\nbase: b\noptions: {<<: *d}\n"
+    data = yaml.load(text, Loader=spec_module._UniqueKeyLoader)
+    assert data["options"] == {"seed": 3}
 
 
 def test_to_yaml_round_trips() -> None:
