@@ -28,8 +28,10 @@ from merge_service.preflight import (
     effective_space,
     full_checkpoint_problems,
     input_kind_problems,
+    local_destination,
     lora_adapter_problems,
     output_problems,
+    overwrite_problems,
     resolve_device,
     selection_problems,
     space_problems,
@@ -130,13 +132,19 @@ def prepare(spec: JobSpec, *, overwrite: bool = False, hub: HubOptions | None = 
     device, device_problems = resolve_device(spec.options.device)
     problems += device_problems
     problems += weight_problems(spec, method)
-    push = None
-    if spec.output.destination and spec.output.destination.startswith("hub://"):
-        problems += hub_destination_problems(spec.output.destination, hub)
-        push = HubPush.plan(spec.output.destination, spec.output.private,
-                            spec.output.create_pr, hub)
-    elif spec.output.destination:
-        problems += destination_problems(Path(spec.output.destination).expanduser(), overwrite)
+    push, local = None, None
+    destination = spec.output.destination
+    if destination is not None and not destination.strip():
+        problems.append(Problem("output.destination is empty: give a directory or "
+                                "hub://org/name", field="output.destination"))
+    elif destination and destination.startswith("hub://"):
+        problems += hub_destination_problems(destination, hub)
+        push = HubPush.plan(destination, spec.output.private, spec.output.create_pr, hub)
+    elif destination:
+        local, local_problems = local_destination(destination)
+        problems += local_problems
+        if local is not None:
+            problems += destination_problems(local, overwrite)
 
     sources = [spec.base] + [m.source for m in spec.models]
     labels = ["base", *spec.task_names()]
@@ -147,6 +155,9 @@ def prepare(spec: JobSpec, *, overwrite: bool = False, hub: HubOptions | None = 
         resolved.append(found)
         problems += source_problems
     report(Progress("resolving", len(sources), len(sources), None))
+    if local is not None and overwrite:
+        problems += overwrite_problems(local, [(label, found.path) for label, found
+                                               in zip(labels, resolved, strict=True) if found])
     resolve_s = time.perf_counter() - started
     report(Progress("preflight", 0, 1, None))
 
@@ -204,8 +215,7 @@ def prepare(spec: JobSpec, *, overwrite: bool = False, hub: HubOptions | None = 
         spec=spec, resolved_spec=resolved_spec, base_source=resolved[0],  # type: ignore[arg-type]
         base=base, inputs=inputs, method=method, space=space, target_rank=target_rank,
         device=device, compute_dtype=_DTYPES[spec.options.compute_dtype], output_dtype=out_dtype,
-        destination=push.output_dir if push else
-        Path(spec.output.destination).expanduser().resolve(),  # type: ignore[arg-type]
+        destination=push.output_dir if push else local,  # type: ignore[arg-type]
         merged=merged, copied=copied, push=push,
     )
     prepared.timings["resolve_s"] = resolve_s

@@ -171,6 +171,30 @@ def output_problems(spec: JobSpec, method: MergeMethod | None, is_lora: bool) ->
     return problems
 
 
+def local_destination(destination: str) -> tuple[Path | None, list[Problem]]:
+    """The absolute directory a local destination names (`~` expanded)."""
+    try:
+        return Path(destination).expanduser().resolve(), []
+    except (RuntimeError, OSError) as exc:  # `~nosuchuser`, a loop of links
+        return None, [Problem(f"cannot use the destination {destination!r}: {exc}",
+                              field="output.destination")]
+
+
+def overwrite_problems(destination: Path, inputs: list[tuple[str, Path]]) -> list[Problem]:
+    """`--overwrite` replaces the destination whole: never when that would delete an input or
+    the directory the command runs in (an empty `--out ''` once meant the current one)."""
+    problems = []
+    for label, path in [*inputs, ("the current directory", Path.cwd())]:
+        path = path.resolve()
+        if path == destination or destination in path.parents:
+            where = "is" if path == destination else "holds"
+            problems.append(Problem(
+                f"--overwrite would delete {path}: the destination {destination} {where} it",
+                model=label if label != "the current directory" else None,
+                field="output.destination"))
+    return problems
+
+
 def selection_problems(spec: JobSpec, names: list[str]) -> list[Problem]:
     """An include/exclude that selects nothing is almost always a typo."""
     problems = []

@@ -110,6 +110,49 @@ def test_cancel_keeps_an_existing_destination(synthetic: Synthetic, tmp_path: Pa
     assert leftovers(out) == []
 
 
+def preflight_messages(synthetic: Synthetic, destination: str, overwrite: bool = True
+                       ) -> list[str]:
+    with pytest.raises(PreflightError) as info:
+        run_merge(spec_from_dict(job(synthetic.base, synthetic.tasks, destination)),
+                  overwrite=overwrite)
+    return [p.message for p in info.value.problems]
+
+
+@pytest.mark.parametrize("destination", ["", "   "])
+def test_an_empty_destination_is_a_problem_not_the_current_directory(
+        synthetic: Synthetic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        destination: str) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "precious.txt").write_text("keep me")
+    monkeypatch.chdir(work)
+    messages = preflight_messages(synthetic, destination)
+    assert any("output.destination is empty" in m for m in messages), messages
+    assert [p.name for p in work.iterdir()] == ["precious.txt"]
+
+
+def test_overwrite_never_deletes_an_input_or_the_current_directory(
+        synthetic: Synthetic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = {p: sorted(q.name for q in p.iterdir()) for p in (synthetic.base, *synthetic.tasks)}
+    # the base itself; a directory holding the task models
+    assert any(f"--overwrite would delete {synthetic.base}" in m and "is it" in m
+               for m in preflight_messages(synthetic, str(synthetic.base)))
+    holder = synthetic.tasks[0].parent
+    assert any("holds it" in m for m in preflight_messages(synthetic, str(holder)))
+    work = tmp_path / "elsewhere" / "work"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    messages = preflight_messages(synthetic, str(work.parent))
+    assert any(f"--overwrite would delete {work}" in m for m in messages), messages
+    assert {p: sorted(q.name for q in p.iterdir()) for p in before} == before
+    assert work.is_dir()
+
+
+def test_a_destination_whose_home_cannot_be_found_is_a_problem(synthetic: Synthetic) -> None:
+    messages = preflight_messages(synthetic, "~no-such-user-4d1f/out", overwrite=False)
+    assert any("cannot use the destination '~no-such-user-4d1f/out'" in m for m in messages)
+
+
 # --------------------------------------------------------------------------------------------
 # selection, buffers, unchanged tensors
 

@@ -266,6 +266,14 @@ def test_existing_destination(artifact: Path, tmp_path: Path) -> None:
         revert(artifact, "math", tmp_path / "rev")
 
 
+def test_overwrite_never_replaces_the_artifact(artifact: Path) -> None:
+    files = sorted(p.name for p in artifact.iterdir())
+    for out in (artifact, artifact.parent):
+        with pytest.raises(InvalidInputError, match="--overwrite would delete"):
+            revert(artifact, "math", out, overwrite=True)
+    assert sorted(p.name for p in artifact.iterdir()) == files
+
+
 @pytest.mark.parametrize(("method", "fmt", "match"), [
     ("tsv", "reversible", "cannot produce format 'reversible'.*written by: rmm"),
     ("rmm", "full", r"method rmm cannot produce format 'full' \(it produces: reversible\)"),
