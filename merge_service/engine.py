@@ -32,6 +32,7 @@ from merge_service.preflight import (
     lora_adapter_problems,
     output_problems,
     overwrite_problems,
+    quantized_problems,
     resolve_device,
     selection_problems,
     space_problems,
@@ -169,6 +170,8 @@ def prepare(spec: JobSpec, *, overwrite: bool = False, hub: HubOptions | None = 
         else:
             base, base_problems = Checkpoint.open(resolved[0].path, "base")
             problems += base_problems
+            if base is not None:
+                problems += quantized_problems(base.tensors, "base")
 
     inputs: list[TaskInput] = []
     for entry, label, found in zip(spec.models, labels[1:], resolved[1:], strict=True):
@@ -182,6 +185,7 @@ def prepare(spec: JobSpec, *, overwrite: bool = False, hub: HubOptions | None = 
             model, open_problems = Checkpoint.open(found.path, label)
         problems += open_problems
         if model is not None:
+            problems += quantized_problems(model.tensors, label)
             inputs.append(TaskInput(label, found, entry.weight, model))
 
     is_lora = bool(inputs) and all(i.is_lora for i in inputs)

@@ -15,7 +15,7 @@ from merge_service.errors import Problem
 from merge_service.inputs import TaskInput
 from merge_service.methods import MergeMethod, available
 from merge_service.sinks.artifact import ARTIFACT_FORMATS
-from merge_service.sources.checkpoint import Checkpoint
+from merge_service.sources.checkpoint import Checkpoint, TensorInfo
 from merge_service.sources.lora import LoraAdapter
 from merge_service.sources.resolve import ResolvedSource
 from merge_service.spec import JobSpec
@@ -169,6 +169,21 @@ def output_problems(spec: JobSpec, method: MergeMethod | None, is_lora: bool) ->
         problems.append(Problem("calibration data is only used by methods that need data "
                                 "(adarank)", field="calibration"))
     return problems
+
+
+_FLOAT8 = {torch.float8_e4m3fn, torch.float8_e5m2}
+
+
+def quantized_problems(tensors: dict[str, TensorInfo], label: str) -> list[Problem]:
+    """FP8 checkpoints store weights with separate scales (`weight_scale_inv`, per block):
+    merged as they are, the task vectors would be wrong and the scales cast to FP8."""
+    found = sorted(name for name, info in tensors.items() if info.dtype in _FLOAT8)
+    if not found:
+        return []
+    dtype = str(tensors[found[0]].dtype).removeprefix("torch.")
+    return [Problem(f"{len(found)} FP8 tensor(s) ({dtype}; e.g. {found[0]}): FP8-quantized "
+                    "checkpoints cannot be merged; dequantize to bfloat16 or float32 first",
+                    model=label, tensor=found[0])]
 
 
 def local_destination(destination: str) -> tuple[Path | None, list[Problem]]:

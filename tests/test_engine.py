@@ -148,6 +148,18 @@ def test_overwrite_never_deletes_an_input_or_the_current_directory(
     assert work.is_dir()
 
 
+def test_fp8_checkpoints_are_refused(synthetic: Synthetic, tmp_path: Path) -> None:
+    """Their weights need their block scales: merged as stored they would be wrong."""
+    name = next(n for n, v in synthetic.base_tensors.items() if v.dim() == 2)
+    fp8 = {**synthetic.task_tensors[1],
+           name: synthetic.task_tensors[1][name].to(torch.float8_e4m3fn)}
+    write_checkpoint(synthetic.tasks[1], fp8)
+    messages = preflight_messages(synthetic, str(tmp_path / "out"), overwrite=False)
+    assert any("FP8-quantized checkpoints cannot be merged" in m and "float8_e4m3fn" in m
+               for m in messages), messages
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_destination_whose_home_cannot_be_found_is_a_problem(synthetic: Synthetic) -> None:
     messages = preflight_messages(synthetic, "~no-such-user-4d1f/out", overwrite=False)
     assert any("cannot use the destination '~no-such-user-4d1f/out'" in m for m in messages)
