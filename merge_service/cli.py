@@ -94,7 +94,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from merge_service.settings import Settings
 
     spec = _load(args.spec, args.out)
-    prepared = prepare(spec, overwrite=args.overwrite, hub=Settings().hub)
+    # preflight only: Hub weights are read as far as their headers
+    prepared = prepare(spec, overwrite=args.overwrite, hub=Settings().hub, weights=False)
     try:
         print(f"ok: {len(prepared.inputs)} models, method {prepared.method.name}, "
               f"{prepared.space} space, device {prepared.device}")

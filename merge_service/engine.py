@@ -47,7 +47,12 @@ from merge_service.sinks.report import write_json
 from merge_service.sinks.safetensors_writer import ShardedSafetensorsWriter
 from merge_service.sources.checkpoint import Checkpoint
 from merge_service.sources.lora import LoraAdapter, LoraModule, is_adapter_dir
-from merge_service.sources.resolve import HubOptions, ResolvedSource, resolve_source
+from merge_service.sources.resolve import (
+    HubOptions,
+    ResolvedSource,
+    looks_local,
+    resolve_source,
+)
 from merge_service.spaces import CoreSpace, KnotsSpace, core_space, knots_space
 from merge_service.spec import JobSpec
 
@@ -116,7 +121,8 @@ class PreparedMerge:
 
 
 def prepare(spec: JobSpec, *, overwrite: bool = False, hub: HubOptions | None = None,
-            progress: ProgressCallback | None = None, weights: bool = True) -> PreparedMerge:
+            progress: ProgressCallback | None = None, weights: bool = True,
+            should_cancel: CancelCheck | None = None) -> PreparedMerge:
     """Resolve every source and run every preflight check; raise `PreflightError` with all
     problems found. Reads only headers and configs. `weights=False`: a check and no merge to
     follow here, so Hub sources are fetched as their safetensors headers only
@@ -151,6 +157,9 @@ def prepare(spec: JobSpec, *, overwrite: bool = False, hub: HubOptions | None = 
     labels = ["base", *spec.task_names()]
     resolved: list[ResolvedSource | None] = []
     for i, (source, label) in enumerate(zip(sources, labels, strict=True)):
+        if should_cancel is not None and should_cancel():  # before each download
+            raise MergeCancelled(f"cancelled while resolving the sources ({i} of "
+                                 f"{len(sources)})")
         report(Progress("resolving", i, len(sources), source))
         found, source_problems = resolve_source(source, label, hub, weights=weights)
         resolved.append(found)
@@ -231,8 +240,17 @@ def prepare(spec: JobSpec, *, overwrite: bool = False, hub: HubOptions | None = 
 def run_merge(spec: JobSpec, *, overwrite: bool = False, hub: HubOptions | None = None,
               progress: ProgressCallback | None = None,
               should_cancel: CancelCheck | None = None) -> MergeResult:
-    """Validate, merge and write `spec`. The CLI, the workers and the tests all call this."""
-    prepared = prepare(spec, overwrite=overwrite, hub=hub, progress=progress)
+    """Validate, merge and write `spec`. The CLI, the workers and the tests all call this.
+
+    With Hub sources, every problem is found on their headers first (`weights=False`), so
+    that a spec that fails preflight never downloads a weight."""
+    hub = hub or HubOptions()
+    sources = [spec.base, *(m.source for m in spec.models)]
+    if hub.headers_dir is not None and not all(looks_local(s) for s in sources):
+        prepare(spec, overwrite=overwrite, hub=hub, progress=progress, weights=False,
+                should_cancel=should_cancel).close()
+    prepared = prepare(spec, overwrite=overwrite, hub=hub, progress=progress,
+                       should_cancel=should_cancel)
     try:
         return execute(prepared, overwrite=overwrite, progress=progress,
                        should_cancel=should_cancel)

@@ -568,3 +568,27 @@ def test_preflight_without_weights_then_the_merge(hub: HubStandIn, tmp_path: Pat
         reads = weight_reads(hub, repo)
         assert reads and all(r == "" and status == 200 for _, r, status in reads)
         assert len(reads) == len({f for f, _, _ in reads})  # each file once
+
+
+def test_a_merge_that_fails_preflight_downloads_no_weight(hub: HubStandIn,
+                                                         tmp_path: Path) -> None:
+    """`run_merge` checks Hub sources on their headers before it downloads anything: a spec
+    with a problem (here, a destination that exists) costs header reads only."""
+    from merge_service.errors import PreflightError
+
+    base = tensors(0)
+    hub.add_repo("org/base", model_repo("org/base", base))
+    hub.add_repo("org/task-a", model_repo("org/task-a", finetune(base, 1)))
+    hub.add_repo("org/task-b", model_repo("org/task-b", finetune(base, 2)))
+    (tmp_path / "merged").mkdir()
+    spec = spec_from_dict({
+        "base": "org/base", "models": [{"source": "org/task-a"}, {"source": "org/task-b"}],
+        "method": {"name": "task_arithmetic"},
+        "output": {"destination": str(tmp_path / "merged")}, "options": {"device": "cpu"}})
+
+    with pytest.raises(PreflightError, match="already exists"):
+        run_merge(spec, hub=headers_options(tmp_path, hub.url))
+
+    for repo in ("org/base", "org/task-a", "org/task-b"):
+        reads = weight_reads(hub, repo)
+        assert reads and all(status == 206 for _, _, status in reads), reads
