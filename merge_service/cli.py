@@ -8,7 +8,9 @@ import argparse
 import json
 import os
 import select
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -177,9 +179,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that run a job in this process; the service commands (up, api, worker) handle
+# SIGTERM themselves.
+_JOB_COMMANDS = {"merge", "validate", "revert"}
+
+
+def _interrupt_on_sigterm(signum: int, frame: object) -> None:
+    """docker stop, systemd, timeout: leave as Ctrl-C does, so the temporary output is
+    removed. Once only: a second SIGTERM must not interrupt that cleanup."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = os.environ.get("MERGE_SERVICE_DEBUG") == "1"
+    previous = None
+    if args.command in _JOB_COMMANDS and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    try:
+        return _run(args, debug)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace, debug: bool) -> int:
     try:
         code = args.func(args)
         sys.stdout.flush()  # a reader that went away is found here, not at interpreter exit

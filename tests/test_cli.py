@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from tests.conftest import (
     assert_nothing_written,
     build_adapter,
     job,
+    leftovers,
     offline,
     perturbed,
     read_tensors,
@@ -458,3 +461,99 @@ def test_revert_of_a_directory_that_is_not_an_artifact(synthetic: Synthetic, tmp
     assert code == 1
     assert "is not a compressed or reversible artifact" in err
     assert_nothing_written(tmp_path / "recovered")
+
+
+# --------------------------------------------------------------------------------------------
+# stopped from outside: docker stop, systemd, timeout send SIGTERM
+
+
+def _sigterm_once_merging(spec: Path, dest: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run `merge-service merge` and send it SIGTERM as soon as its output is being written
+    (the temporary sibling exists); the merge itself takes a few seconds."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("MERGE_SERVICE_DEBUG", None)
+    proc = subprocess.Popen([str(CLI), "merge", str(spec), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(n.startswith(".") and ".partial-" in n for n in os.listdir(dest.parent)):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the merge never started writing"
+            time.sleep(0.02)
+        time.sleep(0.5)  # in the middle of the tensors, a shard or two written
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _slow_minilm_spec(minilm_dir: Path, minilm_finetunes: list, tmp_path: Path,
+                      dest: Path) -> Path:
+    """DARE-TIES in float64 on three MiniLM fine-tunes: a few seconds (tests/service's
+    slow_spec)."""
+    return write_spec(tmp_path, **job(
+        minilm_dir, [ft.path for ft in minilm_finetunes], dest, method="dare_ties",
+        params={"density": 0.5}, output={"shard_size": "40MB"},
+        options={"compute_dtype": "float64", "device": "cpu", "seed": 7}))
+
+
+@pytest.mark.slow
+def test_sigterm_leaves_nothing_at_the_destination(minilm_dir: Path, minilm_finetunes: list,
+                                                   tmp_path: Path) -> None:
+    dest = tmp_path / "out" / "merged"
+    dest.parent.mkdir()
+    spec = _slow_minilm_spec(minilm_dir, minilm_finetunes, tmp_path, dest)
+    done = _sigterm_once_merging(spec, dest)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "interrupted; nothing was written" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert_nothing_written(dest)
+
+
+@pytest.mark.slow
+def test_sigterm_during_overwrite_keeps_the_previous_output(
+        minilm_dir: Path, minilm_finetunes: list, tmp_path: Path) -> None:
+    dest = tmp_path / "merged"
+    dest.mkdir()
+    (dest / "model.safetensors").write_text("previous output")
+    spec = _slow_minilm_spec(minilm_dir, minilm_finetunes, tmp_path, dest)
+    done = _sigterm_once_merging(spec, dest, "--overwrite")
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert [p.name for p in dest.iterdir()] == ["model.safetensors"]
+    assert (dest / "model.safetensors").read_text() == "previous output"
+    assert leftovers(dest) == []
+
+
+def test_main_restores_the_sigterm_handler(synthetic: Synthetic, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    spec = write_spec(tmp_path, **job(synthetic.base, synthetic.tasks, tmp_path / "out"))
+    code, _, err = run(capsys, "merge", spec, "-q")
+    assert code == 0, err
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None,
+                    reason="mounting a tmpfs needs root")
+def test_a_mount_point_destination_is_refused_before_merging(
+        synthetic: Synthetic, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A docker volume as the destination: the final rename would fail (EBUSY) only after
+    the whole merge; preflight says so first."""
+    dest = tmp_path / "volume"
+    dest.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(dest)], capture_output=True,
+                      check=False).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (dest / "previous").write_text("keep")
+        spec = write_spec(tmp_path, **job(synthetic.base, synthetic.tasks, dest))
+        code, _, err = run(capsys, "merge", spec, "--overwrite")
+        assert code == 1
+        assert f"destination {dest} is a mount point" in err
+        assert [p.name for p in dest.iterdir()] == ["previous"]
+        assert leftovers(dest) == []
+    finally:
+        subprocess.run(["umount", str(dest)], check=True)

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from merge_service.sinks.local import LocalDirectorySink, copy_model_files, destination_problems
+from merge_service.sinks.local import (
+    LocalDirectorySink,
+    _exchange,
+    copy_model_files,
+    destination_problems,
+    recover_interrupted,
+    replace_by_renames,
+)
 from tests.conftest import assert_nothing_written, leftovers
 
 
@@ -121,3 +134,165 @@ def test_copy_model_files_skips_weights_cards_and_hidden_files(tmp_path: Path) -
                               "tokenizer.model", "vocab.txt"]
     assert (dst / "1_Pooling" / "config.json").read_text() == "{}"
     assert not (dst / "README.md").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# replacing an existing output: never an empty destination
+
+
+def test_the_swap_exchanges_two_directories_in_one_step(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "which").write_text("a")
+    (b / "which").write_text("b")
+    if not _exchange(a, b):
+        pytest.skip("no renameat2(RENAME_EXCHANGE) on this kernel or file system")
+    assert (a / "which").read_text() == "b" and (b / "which").read_text() == "a"
+
+
+def test_two_renames_put_the_previous_output_back_when_the_second_fails(tmp_path: Path
+                                                                        ) -> None:
+    """The new output vanished before its rename (a tmp cleaner, a full disk's cleanup):
+    the old one was already moved aside, and must come back."""
+    dest = tmp_path / "merged"
+    dest.mkdir()
+    (dest / "model.safetensors").write_text("previous output")
+    old = tmp_path / ".merged.old-test"
+    with pytest.raises(FileNotFoundError):
+        replace_by_renames(tmp_path / ".merged.partial-gone", dest, old)
+    assert (dest / "model.safetensors").read_text() == "previous output"
+    assert not old.exists()
+
+
+def test_two_renames_replace_the_destination(tmp_path: Path) -> None:
+    dest, new, old = tmp_path / "merged", tmp_path / "new", tmp_path / ".merged.old-test"
+    dest.mkdir()
+    new.mkdir()
+    (dest / "f").write_text("old")
+    (new / "f").write_text("new")
+    replace_by_renames(new, dest, old)
+    assert (dest / "f").read_text() == "new" and (old / "f").read_text() == "old"
+
+
+def test_a_failed_replace_keeps_the_previous_output(tmp_path: Path) -> None:
+    dest = tmp_path / "merged"
+    dest.mkdir()
+    (dest / "model.safetensors").write_text("previous output")
+    sink = LocalDirectorySink(dest, overwrite=True)
+    with sink as tmp:
+        (tmp / "model.safetensors").write_text("new")
+        shutil.rmtree(tmp)  # removed under us before the commit
+        with pytest.raises(FileNotFoundError):
+            sink.commit()
+    assert [p.name for p in dest.iterdir()] == ["model.safetensors"]
+    assert (dest / "model.safetensors").read_text() == "previous output"
+    assert leftovers(dest) == []
+
+
+# --------------------------------------------------------------------------------------------
+# siblings a killed run left (SIGKILL, power loss)
+
+
+def _killed(code: str) -> None:
+    """Run `code` in a process that then dies by SIGKILL, leaving whatever it made."""
+    done = subprocess.run([sys.executable, "-c", "import os, signal; from pathlib import Path\n"
+                           f"{code}\nos.kill(os.getpid(), signal.SIGKILL)"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+
+
+def _enter_sink(dest: Path) -> str:
+    return ("from pathlib import Path\n"
+            "from merge_service.sinks.local import LocalDirectorySink\n"
+            f"tmp = LocalDirectorySink(Path({str(dest)!r})).__enter__()\n"
+            "(tmp / 'model.safetensors').write_text('partial')")
+
+
+def test_a_partial_output_of_a_killed_merge_is_removed_when_a_sink_starts(tmp_path: Path
+                                                                          ) -> None:
+    dest = tmp_path / "merged"
+    _killed(_enter_sink(dest))
+    [stale] = leftovers(dest)
+    with LocalDirectorySink(dest) as tmp:
+        assert leftovers(dest) == [tmp.name]
+    assert_nothing_written(dest)
+    assert stale not in leftovers(dest)
+
+
+def test_a_partial_output_of_a_running_merge_is_kept(tmp_path: Path) -> None:
+    dest = tmp_path / "merged"
+    code = _enter_sink(dest) + "\nimport sys; sys.stdout.write('ready\\n'); sys.stdout.flush()" \
+                               "\nsys.stdin.read()"
+    running = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert running.stdout is not None and running.stdout.readline() == "ready\n"
+        [theirs] = leftovers(dest)
+        with LocalDirectorySink(dest) as tmp:
+            assert sorted(leftovers(dest)) == sorted([theirs, tmp.name])
+        assert destination_problems(dest, overwrite=False) == []
+        assert leftovers(dest) == [theirs]
+    finally:
+        running.communicate("", timeout=30)  # it ends without cleaning up, as if killed
+    assert destination_problems(dest, overwrite=False) == []
+    assert leftovers(dest) == []  # its owner is gone: removed
+
+
+def test_a_sibling_whose_owner_cannot_be_told_is_removed_only_when_old(tmp_path: Path) -> None:
+    """Another host's or an older version's name: no pid to check, only its age."""
+    dest = tmp_path / "merged"
+    stale = tmp_path / ".merged.partial-0a1b2c3d"
+    stale.mkdir()
+    (stale / "model.safetensors").write_text("partial")
+    recover_interrupted(dest)
+    assert stale.is_dir()  # fresh: maybe a merge running elsewhere
+    time.sleep(0.05)
+    recover_interrupted(dest, stale_after_s=0.01)
+    assert not stale.exists()
+
+
+def test_a_previous_output_a_killed_replace_moved_aside_is_restored(tmp_path: Path) -> None:
+    """Killed between the two renames: the destination is missing, its old output hidden."""
+    dest = tmp_path / "merged"
+    dest.mkdir()
+    (dest / "model.safetensors").write_text("previous output")
+    _killed("from merge_service.sinks.local import _sibling\n"
+            f"dest = Path({str(dest)!r}); dest.rename(_sibling(dest, 'old'))")
+    assert not dest.exists() and len(leftovers(dest)) == 1
+    # preflight settles it first, so that it sees the destination the user has
+    [problem] = destination_problems(dest, overwrite=False)
+    assert "already exists" in problem.message
+    assert (dest / "model.safetensors").read_text() == "previous output"
+    assert leftovers(dest) == []
+
+
+def test_a_replaced_output_a_killed_merge_left_is_removed(tmp_path: Path) -> None:
+    """Killed after the two renames, before the old output was deleted."""
+    dest = tmp_path / "merged"
+    dest.mkdir()
+    (dest / "model.safetensors").write_text("previous output")
+    _killed("from merge_service.sinks.local import _sibling\n"
+            f"dest = Path({str(dest)!r}); dest.rename(_sibling(dest, 'old'))\n"
+            "dest.mkdir(); (dest / 'model.safetensors').write_text('new output')")
+    sink = LocalDirectorySink(dest, overwrite=True)
+    with sink as tmp:
+        assert leftovers(dest) == [tmp.name]
+        (tmp / "model.safetensors").write_text("newer output")
+        sink.commit()
+    assert (dest / "model.safetensors").read_text() == "newer output"
+    assert leftovers(dest) == []
+
+
+# --------------------------------------------------------------------------------------------
+# a mount point (a docker volume) cannot be renamed over
+
+
+def test_a_mount_point_is_refused_at_preflight() -> None:
+    proc = Path("/proc")
+    if not os.path.ismount(proc):
+        pytest.skip("no /proc mount here")
+    for overwrite in (False, True):  # said first: --overwrite would not help
+        [problem] = destination_problems(proc, overwrite=overwrite)
+        assert problem.field == "output.destination"
+        assert "/proc is a mount point" in problem.message
