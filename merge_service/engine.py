@@ -222,7 +222,7 @@ def prepare(spec: JobSpec, *, overwrite: bool = False, hub: HubOptions | None = 
         raise PreflightError(problems or [Problem("preflight failed")])
 
     merged, copied = _plan(spec, base, inputs)
-    resolved_spec = _pinned_spec(spec, resolved)  # type: ignore[arg-type]
+    resolved_spec = _pinned_spec(spec, resolved, method, target_rank)  # type: ignore[arg-type]
     out_dtype = _DTYPES[spec.output.dtype] if spec.output.dtype else None
     prepared = PreparedMerge(
         spec=spec, resolved_spec=resolved_spec, base_source=resolved[0],  # type: ignore[arg-type]
@@ -573,10 +573,18 @@ def _plan(spec: JobSpec, base: Checkpoint, inputs: list[TaskInput]) -> tuple[lis
     return merged, copied
 
 
-def _pinned_spec(spec: JobSpec, resolved: list[ResolvedSource]) -> JobSpec:
+def _pinned_spec(spec: JobSpec, resolved: list[ResolvedSource], method: MergeMethod,
+                 target_rank: int | None) -> JobSpec:
+    """The spec as run: sources pinned (Hub ids to their commit, local paths absolute), task
+    names and every method parameter written out, defaults included (a later version with
+    other defaults reruns it the same)."""
     models = [m.model_copy(update={"source": r.pinned, "name": n})
               for m, r, n in zip(spec.models, resolved[1:], spec.task_names(), strict=True)]
-    return spec.model_copy(update={"base": resolved[0].pinned, "models": models})
+    params = method.params.model_dump(mode="json") | (
+        {"target_rank": target_rank} if target_rank is not None else {})
+    return spec.model_copy(update={
+        "base": resolved[0].pinned, "models": models,
+        "method": spec.method.model_copy(update={"params": params})})
 
 
 def _peak_memory(device: torch.device) -> dict[str, int]:

@@ -436,7 +436,8 @@ def test_merge_spec_is_a_pinned_spec_that_reproduces_the_merge(
     assert [m.source for m in saved.models] == [str(p.resolve()) for p in synthetic.tasks]
     assert [m.name for m in saved.models] == ["task1", "second"]
     assert [m.weight for m in saved.models] == [1.0, 0.5]
-    assert saved.method.name == "ties" and saved.method.params == {"density": 0.5}
+    # every parameter written out, the defaults too
+    assert saved.method.name == "ties" and saved.method.params == {"density": 0.5, "alpha": 1.0}
     assert saved.options.seed == 3
     # from anywhere, the saved spec makes the same model
     monkeypatch.chdir(synthetic.base)
