@@ -41,7 +41,7 @@ from merge_service.preflight import (
 from merge_service.sinks.artifact import ARTIFACT_FORMATS, ArtifactWriter
 from merge_service.sinks.hub import HubPush, hub_destination_problems, push_to_hub
 from merge_service.sinks.local import LocalDirectorySink, copy_model_files, destination_problems
-from merge_service.sinks.model_card import render_model_card
+from merge_service.sinks.model_card import hub_model_id, render_model_card
 from merge_service.sinks.peft_adapter import PeftAdapterWriter
 from merge_service.sinks.report import write_json
 from merge_service.sinks.safetensors_writer import ShardedSafetensorsWriter
@@ -309,6 +309,8 @@ def execute(prepared: PreparedMerge, *, overwrite: bool = False,
 
         report(Progress("finalizing", 0, 1, None))
         files = []
+        if served == "full":  # first: what the output writes itself wins over the base's files
+            files += copy_model_files(p.base_source.path, tmp)
         if writer is not None:
             files += writer.finish()
         if adapter is not None:
@@ -319,8 +321,6 @@ def execute(prepared: PreparedMerge, *, overwrite: bool = False,
                 "tasks": [t.name for t in p.inputs], "base": p.resolved_spec.base,
                 "space": p.space, "served_format": served,
             })
-        if served == "full":
-            files += copy_model_files(p.base_source.path, tmp)
         (tmp / "merge_spec.yaml").write_text(p.resolved_spec.to_yaml())
         timings = {**p.timings, "merge_s": merge_s,
                    "finalize_s": time.perf_counter() - started - merge_s}
@@ -648,11 +648,14 @@ def _base_model_name(p: PreparedMerge) -> str:
 
 
 def _model_card(p: PreparedMerge) -> str:
-    relation = "adapter" if _served_format(p) == "lora" else "merge"
+    served = _served_format(p)
     return render_model_card(
         title=p.spec.name or f"{p.method.name} merge",
-        base_model=_base_model_name(p),
-        relation=relation, method=p.method.name,
+        base_model=hub_model_id(p.base_source.repo_id, p.base_source.path),
+        base=p.resolved_spec.base,
+        relation="adapter" if served == "lora" else "merge",
+        library={"lora": "peft", "full": "transformers"}.get(served or ""),
+        method=p.method.name,
         params=p.method.params.model_dump(mode="json"),
         inputs=[{"name": t.name, "source": t.source.pinned, "weight": t.weight}
                 for t in p.inputs],

@@ -20,11 +20,11 @@ from merge_service.errors import InvalidInputError, Problem
 from merge_service.preflight import overwrite_problems
 from merge_service.sinks.artifact import Artifact
 from merge_service.sinks.local import LocalDirectorySink, copy_model_files, destination_problems
-from merge_service.sinks.model_card import render_model_card
+from merge_service.sinks.model_card import hub_model_id, render_model_card
 from merge_service.sinks.report import write_json
 from merge_service.sinks.safetensors_writer import ShardedSafetensorsWriter
 from merge_service.sources.checkpoint import Checkpoint
-from merge_service.sources.resolve import HubOptions, resolve_source
+from merge_service.sources.resolve import HubOptions, looks_local, resolve_source
 from merge_service.spec import JobSpec, load_spec
 
 
@@ -102,10 +102,15 @@ def _write(artifact: Artifact, base: Checkpoint, base_path: Path, spec: JobSpec,
                          "timings_s": {"total_s": round(time.perf_counter() - started, 4)}}
         write_json(tmp / "merge_report.json", result_report)
         (tmp / "README.md").write_text(render_model_card(
-            title=f"{task} recovered from a {artifact.fmt} artifact", base_model=spec.base,
-            relation="merge", method=artifact.method.name, params={"task": task},
+            title=f"{task} recovered from a {artifact.fmt} artifact",
+            base_model=hub_model_id(spec.base.partition("@")[0] if not looks_local(spec.base)
+                                    else None, base_path),
+            base=spec.base, relation="finetune", library="transformers",
+            method=artifact.method.name, params={"task": task},
             inputs=[{"name": m.name or task, "source": m.source, "weight": m.weight}
                     for m in spec.models if m.name == task], output_format="full"))
-        files += ["merge_report.json", "README.md"]
+        # the spec of the merge that made the artifact: with `task`, all it takes to rebuild
+        (tmp / "merge_spec.yaml").write_text(spec.to_yaml())
+        files += ["merge_report.json", "README.md", "merge_spec.yaml"]
         sink.commit()
     return MergeResult(out, sorted(files), result_report, spec)

@@ -489,13 +489,24 @@ def test_model_card_front_matter(synthetic: Synthetic, tmp_path: Path) -> None:
     text = (out / "README.md").read_text()
     assert text.startswith("---\n")
     front = yaml.safe_load(text.split("---\n")[1])
-    assert front["base_model"] == str(synthetic.base.resolve())
-    assert front["base_model_relation"] == "merge"
+    # a local base whose config names no Hub model: no base_model (the Hub refuses a path
+    # there); the text names the directory
+    assert "base_model" not in front and str(synthetic.base.resolve()) in text
+    assert front["base_model_relation"] == "merge" and front["library_name"] == "transformers"
     assert "task_arithmetic" in front["tags"]
     body = text.split("---\n", 2)[2]
     assert "# my merge" in body
     assert "alpha-task" in body and str(synthetic.tasks[0].resolve()) in body
     assert "alpha: 0.3" in body  # the method's parameters, defaults included
+
+    # a local copy of a Hub model (save_pretrained writes its id as _name_or_path)
+    config = json.loads((synthetic.base / "config.json").read_text()) \
+        if (synthetic.base / "config.json").is_file() else {}
+    (synthetic.base / "config.json").write_text(json.dumps(
+        {**config, "_name_or_path": "org/base-model"}))
+    run_merge(spec_from_dict(job(synthetic.base, models, tmp_path / "named")))
+    front = yaml.safe_load((tmp_path / "named" / "README.md").read_text().split("---\n")[1])
+    assert front["base_model"] == "org/base-model"
 
 
 def test_shard_size_is_honoured_and_transformers_loads_the_shards(

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from merge_service.cli import main
 from merge_service.engine import MergeResult, run_merge
 from merge_service.errors import CorruptTensorError, InvalidInputError, PreflightError
 from merge_service.revert import revert
-from merge_service.spec import spec_from_dict
+from merge_service.spec import load_spec, spec_from_dict
 from tests.conftest import (
     assert_nothing_written,
     build_adapter,
@@ -126,6 +127,12 @@ def test_revert_is_exact_at_basis_size_t_minus_1(f64: Float64Tasks, tmp_path: Pa
         recovered = read_tensors(out)
         assert set(recovered) == set(f64.base_tensors)
         assert (out / "config.json").is_file()
+        # like every output: the spec (the artifact's), a report and a card
+        assert load_spec(out / "merge_spec.yaml") == load_spec(result.destination
+                                                               / "merge_spec.yaml")
+        assert json.loads((out / "merge_report.json").read_text())["reverted_task"] == task
+        front = yaml.safe_load((out / "README.md").read_text().split("---\n")[1])
+        assert front["base_model_relation"] == "finetune"
         for name, value in f64.task_tensors[t].items():
             assert recovered[name].dtype == value.dtype
             if value.is_floating_point():
