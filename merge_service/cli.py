@@ -15,6 +15,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from merge_service.errors import InvalidInputError, MergeCancelled, MergeServiceError
 
 EXIT_OK, EXIT_INVALID, EXIT_FAILED = 0, 1, 2
@@ -211,6 +213,13 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
         return code
     except InvalidInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except ValidationError as exc:
+        if exc.title != "Settings":
+            return _unexpected(exc, debug)
+        for err in exc.errors():  # the environment, one variable per line
+            name = "MERGE_SERVICE_" + "_".join(str(p) for p in err["loc"]).upper()
+            print(f"error: {name}: {err['msg']}", file=sys.stderr)
         return EXIT_INVALID
     except MergeCancelled as exc:
         print(f"cancelled: {exc}; nothing was written", file=sys.stderr)

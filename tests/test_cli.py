@@ -252,6 +252,17 @@ def test_lora_adapters_merge_through_the_cli(tiny_bert_dir: Path, tiny_adapters:
                        for m in ("query", "value")}
 
 
+def test_a_bad_setting_is_invalid_input_named_by_its_variable(
+        synthetic: Synthetic, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MERGE_SERVICE_MAX_JOB_SECONDS", "5")
+    spec = write_spec(tmp_path, **job(synthetic.base, synthetic.tasks, tmp_path / "out"))
+    code, _, err = run(capsys, "validate", spec)
+    assert code == 1
+    assert err.strip() == ("error: MERGE_SERVICE_MAX_JOB_SECONDS: Input should be greater "
+                           "than or equal to 60")
+
+
 def test_existing_destination_needs_overwrite(synthetic: Synthetic, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
