@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import socket
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -53,9 +54,14 @@ def destination_problems(destination: Path, overwrite: bool) -> list[Problem]:
     parent = destination.parent
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        return [Problem(f"cannot create {destination}: {parent} is not writable",
+    if not parent.is_dir():
+        return [Problem(f"cannot create {destination}: {parent} is not a directory",
                         field="output.destination")]
+    try:  # tried, not asked: root passes every permission check, and /proc refuses anyway
+        Path(tempfile.mkdtemp(prefix=f".{destination.name}.probe-", dir=parent)).rmdir()
+    except OSError as exc:
+        return [Problem(f"cannot create {destination}: {parent} is not writable "
+                        f"({exc.strerror or exc})", field="output.destination")]
     return []
 
 

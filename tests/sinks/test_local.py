@@ -118,6 +118,14 @@ def test_destination_under_a_file_cannot_be_created(tmp_path: Path) -> None:
     assert "cannot create" in problem.message and str(afile) in problem.message
 
 
+def test_a_place_that_refuses_new_directories_is_found_at_preflight(tmp_path: Path) -> None:
+    """Tried, not asked: root passes os.access everywhere, yet /proc takes no directory."""
+    [problem] = destination_problems(Path("/proc/merge-service-test/out"), overwrite=False)
+    assert "cannot create" in problem.message and "/proc is not writable" in problem.message
+    assert destination_problems(tmp_path / "fine", overwrite=False) == []
+    assert list(tmp_path.iterdir()) == []  # the probe leaves nothing
+
+
 def test_copy_model_files_skips_weights_cards_and_hidden_files(tmp_path: Path) -> None:
     src, dst = tmp_path / "src", tmp_path / "dst"
     (src / "1_Pooling").mkdir(parents=True)
