@@ -1,7 +1,9 @@
 """Hub destinations (`hub://org/name`): the finished output directory, pushed in one commit (or
 one pull request with `create_pr`) to a repo that is created private unless the spec says
 otherwise. The engine writes the output to a staging directory first, so a merge that fails
-or is cancelled pushes nothing; a push that fails leaves the repo as it was.
+or is cancelled pushes nothing; a push that fails adds no commit (the upload is one commit).
+A repo the push had to create stays, empty: deleting it again could race another job that
+found it and is pushing to it, and the retry uses it.
 """
 
 from __future__ import annotations
