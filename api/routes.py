@@ -5,16 +5,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from api.auth import Principal, optional_principal, require
-from api.errors import ERROR_RESPONSES, BadRequest, ErrorResponse, Unavailable
+from api.errors import ERROR_RESPONSES, BadRequest, ErrorResponse, Invalid, Unavailable
 from api.metrics import CONTENT_TYPE
 from api.models import Health, JobList, MethodInfo, Readiness
 from api.service import JobService
 from api.sse import all_events, check_event_id, job_events, latest_event_id
-from merge_service.spec import JobSpec
+from merge_service.spec import JobSpec, duplicate_key_problem
 from workers.jobs import JOB_ID, JobRecord, JobStatus
 
 router = APIRouter(responses=ERROR_RESPONSES)
@@ -38,8 +38,17 @@ class JSONText(Response):
     media_type = "application/json"
 
 
+async def unique_keys(request: Request) -> None:
+    """A key given twice in one object of the JSON body is a problem, as in a spec file (a
+    JSON parser keeps the last one silently)."""
+    problem = duplicate_key_problem(await request.body())
+    if problem is not None:
+        raise Invalid("the body has 1 problem(s)", [problem])
+
+
 @router.post("/v1/jobs", status_code=202, response_model=JobRecord, tags=["jobs"],
-             responses={**_422, **_409}, summary="Submit a job spec")
+             responses={**_422, **_409}, summary="Submit a job spec",
+             dependencies=[Depends(unique_keys)])
 def create_job(request: Request, response: Response,
                spec: Annotated[JobSpec, Body(description="a job spec (DESIGN.md section 2)")],
                principal: Submitter,

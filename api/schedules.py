@@ -11,11 +11,12 @@ import threading
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from fastapi import Path as PathParam
 
 from api.auth import Principal, require
 from api.errors import ERROR_RESPONSES, Conflict, ErrorResponse, Forbidden, Invalid, NotFound
+from api.routes import unique_keys
 from merge_service.errors import Problem
 from merge_service.methods import build_method
 from merge_service.settings import Settings
@@ -138,7 +139,7 @@ def schedules(request: Request) -> ScheduleService:
 
 @router.post("/v1/schedules", status_code=201, response_model=Schedule,
              responses={422: {"model": ErrorResponse, "description": "every problem"}},
-             summary="Create a schedule")
+             summary="Create a schedule", dependencies=[Depends(unique_keys)])
 def create_schedule(request: Request, response: Response,
                     body: Annotated[ScheduleCreate, Body(
                         description="name, cron (5 fields, or 6 with seconds first) or "

@@ -199,6 +199,18 @@ class _DuplicateKey(ValueError):
     pass
 
 
+def duplicate_key_problem(text: str | bytes) -> Problem | None:
+    """The key a JSON document gives twice in one object, as a problem (None: none, or not
+    JSON at all, which the caller's own parser reports)."""
+    try:
+        json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        return Problem(str(exc))
+    except ValueError:
+        return None
+    return None
+
+
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     seen: dict[str, Any] = {}
     for key, value in pairs:

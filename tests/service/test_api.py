@@ -148,6 +148,24 @@ def test_malformed_json_is_a_400(client: TestClient, store: JobStore, content: b
     assert queued_messages(store) == 0
 
 
+def test_a_key_given_twice_is_a_422(client: TestClient, store: JobStore,
+                                    minilm_inputs: Inputs, tmp_path: Path) -> None:
+    """As in a spec file: a second `method` must not silently replace the first."""
+    body = json.dumps(spec_body(minilm_inputs, tmp_path / "out"))
+    twice = body[:-1] + ', "method": {"name": "ties"}}'
+    response = client.post("/v1/jobs", content=twice,
+                           headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert error(response)["problems"][0]["message"] == \
+        "the key 'method' is given twice in one object"
+    assert queued_messages(store) == 0
+    schedule = client.post("/v1/schedules", content='{"name": "a", "name": "b"}',
+                           headers={"Content-Type": "application/json"})
+    assert schedule.status_code == 422
+    assert error(schedule)["problems"][0]["message"] == \
+        "the key 'name' is given twice in one object"
+
+
 def test_oversized_bodies_are_refused(redis_server: EmbeddedRedis, store: JobStore,
                                       tmp_path: Path) -> None:
     with make_client(redis_server, tmp_path, max_request_bytes=4096) as client:
