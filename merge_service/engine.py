@@ -643,7 +643,8 @@ def _report(p: PreparedMerge, tensors: dict[str, dict[str, Any]], timings: dict[
 
 
 def _base_model_name(p: PreparedMerge) -> str:
-    """The base as a model card or an adapter config names it: repo id, or local path."""
+    """The base as a `lora` output's adapter_config.json names it (PEFT loads it from there):
+    repo id, or local path."""
     return p.base_source.repo_id or str(p.base_source.path)
 
 

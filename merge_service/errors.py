@@ -60,10 +60,6 @@ class CorruptTensorError(InvalidInputError):
     """A tensor read during the merge holds NaN/Inf or could not be decoded."""
 
 
-class SourceNotFoundError(InvalidInputError):
-    """A source (local directory or Hub repo) does not exist or cannot be reached."""
-
-
 class MergeCancelled(MergeServiceError):
     """The cancel check returned true; the merge stopped and left no output."""
 

@@ -20,7 +20,6 @@ from workers.jobs import JobStatus
 # `namespace/title-slug-<24 hex>`, as the Hub names collections
 COLLECTION_SLUG = re.compile(r"^[\w.-]+/[\w.-]+-[0-9a-f]{24}$")
 SCHEDULE_ID = re.compile(r"^[0-9a-f]{20}$")
-RUN_ID = SCHEDULE_ID
 # the fields of a 6-field cron, seconds first, with their ranges as crontab_parser takes them
 # (max_, min_): seconds and minutes 0-59, hours 0-23, days 1-31, months 1-12, weekdays 0-7
 # (0 and 7 are both Sunday, as in standard cron; 7 is mapped to 0 before Celery sees it)
