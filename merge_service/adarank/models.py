@@ -19,7 +19,7 @@ own limit when it is lower).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +29,7 @@ import torch
 from merge_service.errors import Problem
 from merge_service.inputs import TaskInput
 from merge_service.sources.checkpoint import SafetensorsFileError, read_safetensors_header
+from merge_service.sources.names import prefix_change
 
 HEAD_FILE = "head.safetensors"
 HEAD_PREFIXES = ("classifier.", "score.")  # head tensors of *ForSequenceClassification models
@@ -202,22 +203,10 @@ def model_keys(family: ModelFamily, config: Any) -> set[str]:
 
 
 def parameter_mapping(names: Iterable[str], keys: set[str]) -> dict[str, str]:
-    """Checkpoint tensor name -> model state-dict key: one prefix change (strip a leading
-    component, or add one) that places the most names, as a checkpoint saved from
-    `BertForSequenceClassification` (`bert.…`) is loaded as `BertModel` (`…`)."""
+    """Checkpoint tensor name -> model state-dict key, for the names one prefix change places
+    (`prefix_change`: a `BertForSequenceClassification` checkpoint run as `BertModel`)."""
     names = list(names)
-    if not names:
-        return {}
-
-    def placed(fn: Callable[[str], str]) -> int:
-        return sum(fn(n) in keys for n in names)
-
-    candidates: list[Callable[[str], str]] = [lambda n: n]
-    for prefix in {n.split(".", 1)[0] for n in names if "." in n}:
-        candidates.append(lambda n, p=prefix: n.removeprefix(p + "."))
-    for prefix in {k.split(".", 1)[0] for k in keys if "." in k}:
-        candidates.append(lambda n, p=prefix: f"{p}.{n}")
-    best = max(candidates, key=placed)
+    best = prefix_change(names, keys)
     return {n: best(n) for n in names if best(n) in keys}
 
 

@@ -24,6 +24,7 @@ from merge_service.sources.checkpoint import (
     read_safetensors_header,
     read_tensor,
 )
+from merge_service.sources.names import prefix_change
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -130,8 +131,10 @@ class LoraAdapter:
             else:
                 plain[rel] = key
 
-        mapping = _module_to_base_mapping(
-            [f"{m}.weight" for m in factors] + list(plain), base_names)
+        # adapters are saved relative to the model class they were trained on
+        names = [f"{m}.weight" for m in factors] + list(plain)
+        to_base = prefix_change(names, base_names)
+        mapping = {n: to_base(n) for n in names}
         modules: dict[str, LoraModule] = {}
         for module, keys in sorted(factors.items()):
             if set(keys) != {"A", "B"}:
@@ -225,27 +228,3 @@ def _factor_shape_problem(module: str, a: TensorInfo, b: TensorInfo, embedding: 
     if not (a.is_float and b.is_float):
         return Problem(f"module {module}: LoRA factors must be floating point", model=label)
     return None
-
-
-def _module_to_base_mapping(names: list[str], base_names: set[str]) -> dict[str, str]:
-    """Map adapter-relative tensor names to base tensor names.
-
-    Adapters are saved relative to the model class they were trained on
-    (`BertForSequenceClassification` has `bert.encoder...`, `BertModel` has `encoder...`), and the
-    base checkpoint may have been saved from another class. Find one prefix change that maps
-    the most names onto the base: strip a leading component, or add one.
-    """
-    if not names:
-        return {}
-
-    def score(fn) -> int:
-        return sum(fn(n) in base_names for n in names)
-
-    candidates = [lambda n: n]
-    firsts = {n.split(".", 1)[0] for n in names if "." in n}
-    for prefix in firsts:
-        candidates.append(lambda n, p=prefix: n.removeprefix(p + "."))
-    for prefix in {b.split(".", 1)[0] for b in base_names if "." in b}:
-        candidates.append(lambda n, p=prefix: f"{p}.{n}")
-    best = max(candidates, key=score)
-    return {n: best(n) for n in names}
