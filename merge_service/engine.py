@@ -22,7 +22,13 @@ import torch
 from merge_service import __version__
 from merge_service.errors import MergeCancelled, MergeRuntimeError, PreflightError, Problem
 from merge_service.inputs import TaskInput
-from merge_service.methods import MergeMethod, SumOfTerms, TensorTask, build_method
+from merge_service.methods import (
+    MergeMethod,
+    SumOfTerms,
+    TensorTask,
+    WholeModelMethod,
+    build_method,
+)
 from merge_service.preflight import (
     base_identity,
     effective_space,
@@ -199,7 +205,7 @@ def prepare(spec: JobSpec, *, overwrite: bool = False, hub: HubOptions | None = 
 
     is_lora = bool(inputs) and all(i.is_lora for i in inputs)
     space = effective_space(spec, is_lora)
-    if is_lora and spec.space == "auto" and getattr(method, "whole_model", False):
+    if is_lora and spec.space == "auto" and isinstance(method, WholeModelMethod):
         space = "full"  # adarank factors LoRA inputs itself (from B_t, A_t), in full space
     problems += input_kind_problems(inputs, spec)
     problems += output_problems(spec, method, is_lora)
@@ -210,26 +216,28 @@ def prepare(spec: JobSpec, *, overwrite: bool = False, hub: HubOptions | None = 
             problems += (lora_adapter_problems(base, identity, task) if task.is_lora
                          else full_checkpoint_problems(base, task))
         problems += selection_problems(spec, list(base.tensors))
-    if method is not None and getattr(method, "whole_model", False):
+    if isinstance(method, WholeModelMethod):
         # AdaRank: calibration data, model family, heads, tokenizer (METHODS.md section 12)
-        problems += method.whole_model_problems(  # type: ignore[attr-defined]
+        problems += method.whole_model_problems(
             spec, resolved[0].path if base is not None and resolved[0] else None,
             base.tensors if base is not None else None, inputs)
 
-    if problems or method is None or device is None or base is None:
+    pinned = [found for found in resolved if found is not None]
+    output_dir = push.output_dir if push else local
+    if problems or method is None or device is None or base is None \
+            or len(pinned) < len(resolved) or output_dir is None:
         for task in inputs:
             task.close()
         raise PreflightError(problems or [Problem("preflight failed")])
 
     merged, copied = _plan(spec, base, inputs)
-    resolved_spec = _pinned_spec(spec, resolved, method, target_rank)  # type: ignore[arg-type]
     out_dtype = _DTYPES[spec.output.dtype] if spec.output.dtype else None
     prepared = PreparedMerge(
-        spec=spec, resolved_spec=resolved_spec, base_source=resolved[0],  # type: ignore[arg-type]
-        base=base, inputs=inputs, method=method, space=space, target_rank=target_rank,
-        device=device, compute_dtype=_DTYPES[spec.options.compute_dtype], output_dtype=out_dtype,
-        destination=push.output_dir if push else local,  # type: ignore[arg-type]
-        merged=merged, copied=copied, push=push,
+        spec=spec, resolved_spec=_pinned_spec(spec, pinned, method, target_rank),
+        base_source=pinned[0], base=base, inputs=inputs, method=method, space=space,
+        target_rank=target_rank, device=device,
+        compute_dtype=_DTYPES[spec.options.compute_dtype], output_dtype=out_dtype,
+        destination=output_dir, merged=merged, copied=copied, push=push,
     )
     prepared.timings["resolve_s"] = resolve_s
     prepared.timings["preflight_s"] = time.perf_counter() - started - resolve_s
@@ -270,15 +278,18 @@ def execute(prepared: PreparedMerge, *, overwrite: bool = False,
     tensor_report: dict[str, dict[str, Any]] = {}
     # whole-model methods (adarank) learn the merge first; the loop below writes its tensors
     whole = p.method.optimize(p, report, cancelled) \
-        if getattr(p.method, "whole_model", False) else None  # type: ignore[attr-defined]
+        if isinstance(p.method, WholeModelMethod) else None
     order = sorted(p.merged + p.copied)
     sink = LocalDirectorySink(p.destination, overwrite=overwrite)
     with sink as tmp:
         writer = ShardedSafetensorsWriter(tmp, "model", p.spec.output.shard_bytes,
                                           expected=order) if served == "full" else None
-        adapter = PeftAdapterWriter(tmp, p.inputs[0].model.config,  # type: ignore[union-attr]
-                                    _base_model_name(p), *_adapter_contents(p)) \
-            if served == "lora" else None
+        adapter = None
+        if served == "lora":
+            first = p.inputs[0].model
+            assert isinstance(first, LoraAdapter)  # preflight: `lora` only from LoRA inputs
+            adapter = PeftAdapterWriter(tmp, first.config, _base_model_name(p),
+                                        *_adapter_contents(p))
         artifact = ArtifactWriter(tmp, fmt, p.method.artifact_files,
                                   p.spec.output.shard_bytes) if fmt in ARTIFACT_FORMATS else None
         out = _Outputs(writer, adapter, artifact)
@@ -404,23 +415,21 @@ def _merge_tensor(p: PreparedMerge, name: str, out: _Outputs) -> dict[str, Any]:
     base = p.base.get(name).to(p.device, p.compute_dtype)
     if isinstance(p.method, SumOfTerms):
         return _sum_tensor(p, p.method, name, base, out)
-    vectors, weights, names = [], [], []
-    for task in p.inputs:
-        tv = task.task_vector(name, base)
-        vectors.append(tv)
-        weights.append(task.weight)
-        names.append(task.name)
-    if all(v is None or not bool(v.any()) for v in vectors):
+    found = [task.task_vector(name, base) for task in p.inputs]
+    if all(v is None or not bool(v.any()) for v in found):
         # METHODS.md section 0: a tensor whose deltas are all zero is copied.
         out.add_merged(p, name, p.base.get(name))
         return {"action": "unchanged"}
-    vectors = [torch.zeros_like(base) if v is None else v for v in vectors]
+    vectors = [torch.zeros_like(base) if v is None else v for v in found]
+    del found
     # LoRA inputs in core/knots space: the tensors they carry besides LoRA modules follow the
     # method's non-matrix rule (METHODS.md section 10). A weight that one adapter adapts with
     # LoRA and another carries whole has no core form: it is merged as in full space.
     is_2d = base.dim() == 2 and (p.space not in {"core", "knots"}
                                  or _lora_module(p, name) is not None)
-    task = TensorTask(name=name, task_vectors=vectors, weights=weights, task_names=names,
+    task = TensorTask(name=name, task_vectors=vectors,
+                      weights=[i.weight for i in p.inputs],
+                      task_names=[i.name for i in p.inputs],
                       seed=p.spec.options.seed, is_2d=is_2d)
     result = p.method.merge(task)
     del vectors, task.task_vectors
@@ -522,10 +531,12 @@ def _merge_lora_module(p: PreparedMerge, name: str, out: _Outputs) -> dict[str, 
 def _adapter_contents(p: PreparedMerge) -> tuple[list[LoraModule], list[str]]:
     """What a `lora` output will hold: the merged LoRA modules and the adapter keys of the
     merged tensors the adapters carry whole (`_Outputs.add_merged`)."""
-    modules, extra_keys = [], []
+    modules: list[LoraModule] = []
+    extra_keys: list[str] = []
     for name in p.merged:
-        if _lora_only(p, name):
-            modules.append(_lora_module(p, name))
+        module = _lora_module(p, name)
+        if _lora_only(p, name) and module is not None:
+            modules.append(module)
         else:
             extra_keys.append(_extra_key(p, name))
     return modules, extra_keys
@@ -533,8 +544,8 @@ def _adapter_contents(p: PreparedMerge) -> tuple[list[LoraModule], list[str]]:
 
 def _extra_key(p: PreparedMerge, name: str) -> str:
     """The adapter key of a tensor an adapter carries whole (the first adapter that does)."""
-    return next(t.model.extras[name] for t in p.inputs  # type: ignore[union-attr]
-                if name in getattr(t.model, "extras", {}))
+    return next(t.model.extras[name] for t in p.inputs
+                if isinstance(t.model, LoraAdapter) and name in t.model.extras)
 
 
 def _served_format(p: PreparedMerge) -> str | None:
@@ -564,7 +575,8 @@ def _plan(spec: JobSpec, base: Checkpoint, inputs: list[TaskInput]) -> tuple[lis
     """Which tensors the method runs on; the others are copied from the base."""
     include = [re.compile(p) for p in spec.options.include]
     exclude = [re.compile(p) for p in spec.options.exclude]
-    merged, copied = [], []
+    merged: list[str] = []
+    copied: list[str] = []
     for name, info in base.tensors.items():
         selected = (not include or any(r.search(name) for r in include)) \
             and not any(r.search(name) for r in exclude)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from merge_service.engine import run_merge
-from merge_service.methods import available
+from merge_service.methods import WholeModelMethod, available
 from merge_service.spec import spec_from_dict
 from tests.conftest import (
     FineTune,
@@ -28,7 +28,7 @@ FULL_METHODS = sorted(name for name, cls in available().items()
                       if cls.produces_delta and "full" in cls.output_formats
                       and name not in {"task_arithmetic", "average"}
                       # adarank needs calibration data: tests/test_adarank_models.py
-                      and not getattr(cls, "whole_model", False))
+                      and not issubclass(cls, WholeModelMethod))
 # The sweep merges square and non-square matrices, biases and a layer norm of layer 0 (the
 # rest stays as in the base): enough for every rule of every method, and fast.
 SWEEP_INCLUDE = [r"encoder\.layer\.0\.attention\.self\.(query|value)\.weight",

@@ -113,16 +113,16 @@ def low_rank_terms(name: str, base: torch.Tensor,
     `X_t = Q_B K_t Q_Aᵀ`, `K_t = R_B diag(c_t, expanded over each block) R_Aᵀ` (Σr × Σr), so the
     SVD of the small `K_t = P S Qᵀ` gives `U_t = Q_B P`, `σ_t = S`, `V_t = Q_A Q`.
     """
-    present = [s for s, f in enumerate(factors) if f is not None]
+    present = [(s, f) for s, f in enumerate(factors) if f is not None]
     num_tasks = len(factors)
     if not present:
         return _stacked(name, base, [], [], [], [0] * num_tasks)
-    a_stack = torch.cat([factors[s][0] for s in present], dim=0)  # type: ignore[index]
-    b_stack = torch.cat([factors[s][1] for s in present], dim=1)  # type: ignore[index]
+    a_stack = torch.cat([a for _, (a, _b) in present], dim=0)
+    b_stack = torch.cat([b for _, (_a, b) in present], dim=1)
     q_b, r_b = torch.linalg.qr(b_stack)  # m × p, p × Σr
     q_a, r_a = torch.linalg.qr(a_stack.mT)  # n × q, q × Σr
-    block_of = torch.cat([torch.full((factors[s][0].shape[0],), s,  # type: ignore[index]
-                                     dtype=torch.long, device=base.device) for s in present])
+    block_of = torch.cat([torch.full((a.shape[0],), s, dtype=torch.long, device=base.device)
+                          for s, (a, _b) in present])
     us, sigmas, vs, ranks = [], [], [], []
     for t in range(num_tasks):
         c = mixing[t].to(base.device, base.dtype)[block_of]  # Σr
@@ -147,15 +147,14 @@ def dense_terms(name: str, base: torch.Tensor, parts: Sequence[torch.Tensor | No
 def _stacked(name: str, base: torch.Tensor, us: list[torch.Tensor], sigmas: list[torch.Tensor],
              vs: list[torch.Tensor], ranks: list[int]) -> TensorTerms:
     m, n = base.shape
-    like = {"dtype": base.dtype, "device": base.device}
     task_of = torch.cat([torch.full((r,), t, dtype=torch.long, device=base.device)
                          for t, r in enumerate(ranks)]) if ranks else \
         torch.zeros(0, dtype=torch.long, device=base.device)
     return TensorTerms(
         name, base, True, ranks,
-        u=torch.cat(us, dim=1) if us else torch.zeros(m, 0, **like),
-        sigma=torch.cat(sigmas) if sigmas else torch.zeros(0, **like),
-        v=torch.cat(vs, dim=1) if vs else torch.zeros(n, 0, **like),
+        u=torch.cat(us, dim=1) if us else base.new_zeros(m, 0),
+        sigma=torch.cat(sigmas) if sigmas else base.new_zeros(0),
+        v=torch.cat(vs, dim=1) if vs else base.new_zeros(n, 0),
         task_of=task_of,
     )
 

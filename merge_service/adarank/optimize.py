@@ -65,7 +65,7 @@ class AdaRankOutcome:
 
 def run_adarank(method: AdaRank, p: PreparedMerge, progress: ProgressCallback,
                 cancelled: CancelCheck) -> AdaRankOutcome:
-    params: AdaRankParams = method.params  # type: ignore[assignment]
+    params = method.params
     started = time.perf_counter()
     names = [t.name for t in p.inputs]
     sets, problems = calibration_problems(p.spec.calibration, names)
@@ -95,12 +95,12 @@ def run_adarank(method: AdaRank, p: PreparedMerge, progress: ProgressCallback,
     lam = torch.full((len(p.merged), len(names)), params.prior, dtype=p.compute_dtype,
                      device=p.device, requires_grad=True)
     offsets, logit_parts, start = {}, [], 0
-    for name, t in terms.items():
-        if t.is_matrix:
-            logit_parts.append(initial_logits(t.ranks, params.initial_rank_ratio,
+    for name, tensor_terms in terms.items():
+        if tensor_terms.is_matrix:
+            logit_parts.append(initial_logits(tensor_terms.ranks, params.initial_rank_ratio,
                                               dtype=p.compute_dtype, device=p.device))
-            offsets[name] = slice(start, start + t.total_rank)
-            start += t.total_rank
+            offsets[name] = slice(start, start + tensor_terms.total_rank)
+            start += tensor_terms.total_rank
     logits = (torch.cat(logit_parts) if logit_parts
               else torch.zeros(0, dtype=p.compute_dtype, device=p.device)).requires_grad_()
     optimizer = torch.optim.Adam([lam, logits], lr=params.lr)

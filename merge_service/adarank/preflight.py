@@ -23,7 +23,7 @@ def adarank_problems(method: AdaRank, spec: JobSpec, base_path: Path | None,
     problems: list[Problem] = []
     _, calibration = calibration_problems(spec.calibration, spec.task_names())
     problems += calibration
-    if method.params.base == "cart" and sum(m.weight for m in spec.models) == 0:  # type: ignore[attr-defined]
+    if method.params.base == "cart" and sum(m.weight for m in spec.models) == 0:
         problems.append(Problem("adarank with base cart divides by the sum of the weights, "
                                 "which is 0", field="models"))
     if base_path is None or base_tensors is None or len(inputs) != len(spec.models):

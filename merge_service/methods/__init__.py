@@ -15,6 +15,7 @@ from merge_service.methods.base import (
     SumOfTerms,
     TensorResult,
     TensorTask,
+    WholeModelMethod,
 )
 
 _REGISTRY: dict[str, type[MergeMethod]] = {}
@@ -89,5 +90,5 @@ def catalog() -> list[dict[str, Any]]:
 
 __all__ = [
     "MergeMethod", "MethodParams", "SumOfTerms", "TensorResult", "TensorTask",
-    "available", "build_method", "catalog", "get_method_class", "register",
+    "WholeModelMethod", "available", "build_method", "catalog", "get_method_class", "register",
 ]

@@ -3,7 +3,7 @@
 AdaRank (Lee et al., 2025) is the one method that needs the whole model: the masks and the
 coefficients λ are learned by minimising the entropy of every task's predictions on unlabeled
 calibration inputs, through a forward of the merged model. The engine runs it as a whole-model
-step (`whole_model = True`): `whole_model_problems` at preflight, then `optimize` before the
+step (a `WholeModelMethod`): `whole_model_problems` at preflight, then `optimize` before the
 output is written; the arithmetic is in `merge_service.adarank`.
 
 Where METHODS.md leaves a choice open, we take these (README, "AdaRank"):
@@ -20,13 +20,13 @@ Where METHODS.md leaves a choice open, we take these (README, "AdaRank"):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
-from merge_service.errors import MergeRuntimeError, Problem
+from merge_service.errors import Problem
 from merge_service.methods import register
-from merge_service.methods.base import MergeMethod, SvdParams, TensorResult, TensorTask
+from merge_service.methods.base import SvdParams, WholeModelMethod
 
 if TYPE_CHECKING:
     from merge_service.adarank.optimize import AdaRankOutcome
@@ -69,7 +69,7 @@ class AdaRankParams(SvdParams):
 
 
 @register
-class AdaRank(MergeMethod):
+class AdaRank(WholeModelMethod[AdaRankParams]):
     name = "adarank"
     summary = ("Learn per-task singular-value masks and per-tensor coefficients by entropy "
                "minimisation on unlabeled calibration data (AdaRank).")
@@ -77,11 +77,6 @@ class AdaRank(MergeMethod):
     output_formats = frozenset({"full"})
     # LoRA inputs are factored from their low-rank form, in full space (never core/knots).
     spaces = frozenset({"full"})
-    whole_model: ClassVar[bool] = True
-
-    def merge(self, task: TensorTask) -> TensorResult:
-        raise MergeRuntimeError("adarank merges the whole model at once: the engine runs "
-                                "AdaRank.optimize, not merge() tensor by tensor")
 
     def whole_model_problems(self, spec: JobSpec, base_path: Path | None,
                              base_tensors: dict[str, Any] | None, inputs: list[TaskInput]

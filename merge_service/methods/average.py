@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 from merge_service.methods import register
-from merge_service.methods.base import SumOfTerms, TensorTask
+from merge_service.methods.base import MethodParams, SumOfTerms, TensorTask
 
 
 @register
-class Average(SumOfTerms):
+class Average(SumOfTerms[MethodParams]):
     name = "average"
     summary = "Weighted mean of the models: θ = Σ w_t θ_t / Σ w_t."
     spaces = frozenset({"full"})

@@ -13,11 +13,18 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from merge_service.engine import CancelCheck, PreparedMerge, ProgressCallback
+    from merge_service.errors import Problem
+    from merge_service.inputs import TaskInput
+    from merge_service.spec import JobSpec
 
 # METHODS.md section 0: names of 2-D tensors that are never treated as matrices by SVD methods.
 DEFAULT_SVD_EXCLUDE: tuple[str, ...] = (
@@ -80,8 +87,12 @@ class TensorResult:
     artifact: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-class MergeMethod(ABC):
-    """A merge method. Subclasses set `name`, `Params`, and implement `merge`."""
+P = TypeVar("P", bound=MethodParams)
+
+
+class MergeMethod(ABC, Generic[P]):
+    """A merge method. Subclasses set `name`, `Params` (the class of `P`), and implement
+    `merge`."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
@@ -104,7 +115,7 @@ class MergeMethod(ABC):
     # space they get the matrices of the unweighted factors, and the weights beside them.
     weights_as_coefficients: ClassVar[bool] = False
 
-    def __init__(self, params: MethodParams) -> None:
+    def __init__(self, params: P) -> None:
         self.params = params
 
     def is_matrix(self, task: TensorTask) -> bool:
@@ -130,7 +141,7 @@ class MergeMethod(ABC):
         raise NotImplementedError(f"{cls.name} writes no artifact")
 
 
-class SumOfTerms(MergeMethod):
+class SumOfTerms(MergeMethod[P]):
     """A method whose delta is `finish(Σ_t w_t · term_t)`, each term depending on one task
     only (`task_arithmetic`, `average`, `dare_linear`).
 
@@ -161,3 +172,35 @@ class SumOfTerms(MergeMethod):
             total = self.accumulate(total, self.term(task, t, tv), w)
         assert total is not None  # a merge has at least two tasks
         return TensorResult(self.finish(task, total))
+
+
+class WholeModelOutcome(Protocol):
+    """What a whole-model method learned: each merged tensor and its report entry."""
+
+    report: dict[str, Any]  # merge_report.json, under the method's name
+
+    def tensor(self, name: str) -> torch.Tensor: ...
+
+    def info(self, name: str) -> dict[str, Any]: ...
+
+
+class WholeModelMethod(MergeMethod[P]):
+    """A method that needs the whole model at once (`adarank`): the engine asks it for its own
+    preflight problems, then runs `optimize` before writing, instead of `merge` per tensor."""
+
+    @abstractmethod
+    def whole_model_problems(self, spec: JobSpec, base_path: Path | None,
+                             base_tensors: dict[str, Any] | None, inputs: list[TaskInput]
+                             ) -> list[Problem]:
+        """Everything `optimize` needs that the per-tensor checks do not cover."""
+
+    @abstractmethod
+    def optimize(self, prepared: PreparedMerge, progress: ProgressCallback,
+                 cancelled: CancelCheck) -> WholeModelOutcome:
+        """Learn the merge; the engine then writes `outcome.tensor(name)` for every tensor."""
+
+    def merge(self, task: TensorTask) -> TensorResult:
+        from merge_service.errors import MergeRuntimeError
+
+        raise MergeRuntimeError(f"{self.name} merges the whole model at once: the engine runs "
+                                "its optimize, not merge() tensor by tensor")

@@ -19,13 +19,13 @@ class CartParams(SvdParams):
 
 
 @register
-class Cart(MergeMethod):
+class Cart(MergeMethod[CartParams]):
     name = "cart"
     summary = "Weighted average plus alpha · Σ w_t SVD_k(θ_t − θ̄) (centered task arithmetic)."
     Params = CartParams
 
     def merge(self, task: TensorTask) -> TensorResult:
-        p: CartParams = self.params  # type: ignore[assignment]
+        p = self.params
         # τ̄ = θ̄ − θ0 = Σ w_t τ_t / Σ w_t  (Σ w_t ≠ 0 is checked at preflight)
         mean = weighted_sum(task.task_vectors, task.weights) / sum(task.weights)
         if not self.is_matrix(task):

@@ -43,14 +43,14 @@ def keep_mask(shape: torch.Size, density: float, generator: torch.Generator) -> 
     return torch.rand(shape, generator=generator, dtype=torch.float32) < density
 
 
-class _Dare(MergeMethod):
+class _Dare(MergeMethod[DareParams]):
     """What both DARE variants share: the rescaled, randomly dropped task vectors."""
 
     Params = DareParams
 
     def rescaled(self, task: TensorTask, t: int, task_vector: torch.Tensor) -> torch.Tensor:
         """`τ̂_t = M_t ⊙ τ_t / density`, in place; records the task's kept fraction."""
-        p: DareParams = self.params  # type: ignore[assignment]
+        p = self.params
         kept = task.diagnostics.setdefault("kept_fraction", [])
         if p.density == 1.0:  # rand() < 1 always: every entry is kept, nothing is rescaled
             kept.append(1.0)
@@ -62,7 +62,7 @@ class _Dare(MergeMethod):
 
 
 @register
-class DareLinear(_Dare, SumOfTerms):
+class DareLinear(_Dare, SumOfTerms[DareParams]):
     name = "dare_linear"
     summary = "Drop entries with probability 1 − density, rescale: Δ = alpha · Σ w_t τ̂_t."
 
@@ -70,7 +70,7 @@ class DareLinear(_Dare, SumOfTerms):
         return self.rescaled(task, t, task_vector)
 
     def finish(self, task: TensorTask, total: torch.Tensor) -> torch.Tensor:
-        p: DareParams = self.params  # type: ignore[assignment]
+        p = self.params
         return total.mul_(p.alpha)
 
 
@@ -80,7 +80,7 @@ class DareTies(_Dare):
     summary = "DARE drop and rescale, then sign election and disjoint mean of the w_t τ̂_t."
 
     def merge(self, task: TensorTask) -> TensorResult:
-        p: DareParams = self.params  # type: ignore[assignment]
+        p = self.params
         # X_t = w_t τ̂_t (no magnitude trim)
         xs = []
         for t, (tv, w) in enumerate(zip(task.task_vectors, task.weights, strict=True)):

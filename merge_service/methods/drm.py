@@ -188,7 +188,7 @@ def non_matrix_merge(taus: Sequence[torch.Tensor], coefficients: Sequence[float]
 
 
 @register
-class Drm(MergeMethod):
+class Drm(MergeMethod[DrmParams]):
     name = "drm"
     summary = ("Decompose the stacked task matrices once, renormalise each task's coordinates, "
                "prune, elect signs, disjoint mean (Decom-Renorm-Merge).")
@@ -196,7 +196,7 @@ class Drm(MergeMethod):
     weights_as_coefficients = True  # c_t = w_t after the decomposition, in LoRA spaces too
 
     def merge(self, task: TensorTask) -> TensorResult:
-        p: DrmParams = self.params  # type: ignore[assignment]
+        p = self.params
         taus = task.task_vectors
         coefficients = task.weights  # c_t = w_t
         if not self.is_matrix(task):

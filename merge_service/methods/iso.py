@@ -5,6 +5,8 @@ Both flatten the singular spectrum of the merged task matrix to one value, its m
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 from pydantic import Field
 
@@ -20,34 +22,40 @@ from merge_service.methods.linalg import (
 )
 
 
-class IsoCParams(SvdParams):
+class IsotropicParams(SvdParams):
     alpha: float = Field(1.0, description="scale of the merged task vector")
 
 
-class IsoCtsParams(SvdParams):
-    alpha: float = Field(1.0, description="scale of the merged task vector")
+class IsoCParams(IsotropicParams):
+    """`iso_c` has no parameter of its own."""
+
+
+class IsoCtsParams(IsotropicParams):
     common_fraction: float = Field(
         0.8, ge=0, le=1,
         description="share of the r = min(m, n) directions taken from the common subspace",
     )
 
 
-class _Isotropic(MergeMethod):
+IsoP = TypeVar("IsoP", bound=IsotropicParams)
+
+
+class _Isotropic(MergeMethod[IsoP]):
     def non_matrix(self, task: TensorTask) -> TensorResult:
         """`Δ = alpha · (1/T) Σ_t w_t τ_t`."""
-        alpha: float = self.params.alpha  # type: ignore[attr-defined]
+        alpha = self.params.alpha
         return TensorResult(weighted_sum_(task.task_vectors, task.weights)
                             .mul_(alpha / task.num_tasks))
 
 
 @register
-class IsoC(_Isotropic):
+class IsoC(_Isotropic[IsoCParams]):
     name = "iso_c"
     summary = "Sum the task vectors, then set every singular value on its rank to their mean."
     Params = IsoCParams
 
     def merge(self, task: TensorTask) -> TensorResult:
-        p: IsoCParams = self.params  # type: ignore[assignment]
+        p = self.params
         if not self.is_matrix(task):
             return self.non_matrix(task)
         total = weighted_sum(task.task_vectors, task.weights)  # S = Σ_t w_t τ_t, m × n
@@ -80,13 +88,13 @@ def iso_cts_split(r: int, num_tasks: int, common_fraction: float) -> tuple[int, 
 
 
 @register
-class IsoCts(_Isotropic):
+class IsoCts(_Isotropic[IsoCtsParams]):
     name = "iso_cts"
     summary = "Common subspace of the sum plus each task's own top directions, isotropic spectrum."
     Params = IsoCtsParams
 
     def merge(self, task: TensorTask) -> TensorResult:
-        p: IsoCtsParams = self.params  # type: ignore[assignment]
+        p = self.params
         if not self.is_matrix(task):
             return self.non_matrix(task)
         xs = task.weighted()  # X_t = w_t τ_t, each m × n

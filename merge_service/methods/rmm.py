@@ -76,7 +76,7 @@ def _sq_norm(x: torch.Tensor) -> float:
 
 
 @register
-class Rmm(MergeMethod):
+class Rmm(MergeMethod[RmmParams]):
     name = "rmm"
     summary = ("Serve the mean task vector and store a per-tensor basis from which revert "
                "recovers every task model (reversible bases).")
@@ -92,7 +92,7 @@ class Rmm(MergeMethod):
     uses_weights = False
 
     def merge(self, task: TensorTask) -> TensorResult:
-        p: RmmParams = self.params  # type: ignore[assignment]
+        p = self.params
         taus = task.task_vectors  # T tensors of one shape; ours to overwrite
         num_tasks = task.num_tasks
         shape = taus[0].shape
@@ -161,7 +161,7 @@ class Rmm(MergeMethod):
             name: math.sqrt(err / norm) if norm > 0 else 0.0
             for name, err, norm in zip(task_names, sq_error, sq_norm, strict=True)
         }
-        p: RmmParams = self.params  # type: ignore[assignment]
+        p = self.params
         return {"recovery": {
             "basis_size": p.basis_size,
             "relative_error": relative,

@@ -14,7 +14,7 @@ class TaskArithmeticParams(MethodParams):
 
 
 @register
-class TaskArithmetic(SumOfTerms):
+class TaskArithmetic(SumOfTerms[TaskArithmeticParams]):
     name = "task_arithmetic"
     summary = "Δ = alpha · Σ w_t τ_t (Ilharco et al., 2023)."
     Params = TaskArithmeticParams
@@ -23,5 +23,5 @@ class TaskArithmetic(SumOfTerms):
         return task_vector
 
     def finish(self, task: TensorTask, total: torch.Tensor) -> torch.Tensor:
-        p: TaskArithmeticParams = self.params  # type: ignore[assignment]
+        p = self.params
         return total.mul_(p.alpha)

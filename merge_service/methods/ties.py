@@ -19,13 +19,13 @@ class TiesParams(MethodParams):
 
 
 @register
-class Ties(MergeMethod):
+class Ties(MergeMethod[TiesParams]):
     name = "ties"
     summary = "Trim each τ_t to its top-density magnitudes, elect signs by mass, disjoint mean."
     Params = TiesParams
 
     def merge(self, task: TensorTask) -> TensorResult:
-        p: TiesParams = self.params  # type: ignore[assignment]
+        p = self.params
         # X_t = w_t · trim(τ_t); every tensor, matrix or not
         xs = []
         for tv, w in zip(task.task_vectors, task.weights, strict=True):

@@ -27,13 +27,13 @@ def singular_interference(
 
 
 @register
-class Tsv(MergeMethod):
+class Tsv(MergeMethod[TsvParams]):
     name = "tsv"
     summary = "Keep each task's top r/T singular triplets, orthogonalise them jointly (TSV-Merge)."
     Params = TsvParams
 
     def merge(self, task: TensorTask) -> TensorResult:
-        p: TsvParams = self.params  # type: ignore[assignment]
+        p = self.params
         num_tasks = task.num_tasks
         if not self.is_matrix(task):
             # alpha · (1/T) Σ_t X_t: the mean, as the reference code does

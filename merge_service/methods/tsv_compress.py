@@ -25,7 +25,7 @@ class TsvCompressParams(SvdParams):
 
 
 @register
-class TsvCompress(MergeMethod):
+class TsvCompress(MergeMethod[TsvCompressParams]):
     name = "tsv_compress"
     summary = "Store each task's top singular triplets per matrix (TSV-C); revert recovers a task."
     Params = TsvCompressParams
@@ -34,7 +34,7 @@ class TsvCompress(MergeMethod):
     spaces = frozenset({"full"})
 
     def merge(self, task: TensorTask) -> TensorResult:
-        p: TsvCompressParams = self.params  # type: ignore[assignment]
+        p = self.params
         first = task.task_vectors[0]
         artifact: dict[str, torch.Tensor] = {}
         task.diagnostics["dense_numel"] = first.numel() * task.num_tasks
