@@ -90,11 +90,16 @@ def _resolve_hub(source: str, repo_id: str, revision: str | None, label: str,
         RevisionNotFoundError,
     )
 
+    fetch_errors: tuple[type[Exception], ...] = (OSError, ValueError, KeyError,
+                                                   *_request_errors())
     api = HfApi(endpoint=hub.endpoint, token=hub.token)
     try:
         info = api.model_info(repo_id, revision=revision, files_metadata=headers_only)
         files = [s.rfilename for s in info.siblings or []]
         sha = info.sha
+        if sha is None:  # the revision could not be pinned: a rerun might read other weights
+            return None, [Problem(f"Hub repo {repo_id} gave no commit sha for revision "
+                                  f"{revision or 'main'!r}", model=label)]
         needed = _needed_files(files)
         if "model.safetensors.index.json" in needed:
             index = hf_hub_download(repo_id, "model.safetensors.index.json", revision=sha,
@@ -111,9 +116,9 @@ def _resolve_hub(source: str, repo_id: str, revision: str | None, label: str,
             sizes = {s.rfilename: s.size for s in info.siblings or []}
             path = _header_copy(repo_id, sha, needed, sizes, hub)
         else:
-            path = snapshot_download(repo_id, revision=sha, allow_patterns=sorted(needed),
-                                     cache_dir=hub.cache_dir, token=hub.token,
-                                     endpoint=hub.endpoint)
+            path = Path(snapshot_download(repo_id, revision=sha, allow_patterns=sorted(needed),
+                                          cache_dir=hub.cache_dir, token=hub.token,
+                                          endpoint=hub.endpoint))
     except GatedRepoError:  # before RepositoryNotFoundError: it is a subclass of it
         return None, [Problem(f"Hub repo {repo_id} is gated: configure a token with access",
                               model=label)]
@@ -126,10 +131,10 @@ def _resolve_hub(source: str, repo_id: str, revision: str | None, label: str,
     except OfflineModeIsEnabled:
         return None, [Problem(f"cannot fetch Hub repo {repo_id}: offline mode is enabled",
                               model=label)]
-    except (OSError, ValueError, KeyError, *_request_errors()) as exc:
+    except fetch_errors as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return None, [Problem(f"cannot fetch Hub repo {repo_id}: {reason}", model=label)]
-    return ResolvedSource(source, Path(path), repo_id=repo_id, revision=sha), []
+    return ResolvedSource(source, path, repo_id=repo_id, revision=sha), []
 
 
 def _header_copy(repo_id: str, sha: str, needed: set[str], sizes: dict[str, int | None],
