@@ -31,9 +31,10 @@ test: setup-test
 
 lint: setup-test
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 bench: setup-test
 	$(PY) bench/run_merge_bench.py
 
 clean:
-	rm -rf .demo .pytest_cache .ruff_cache
+	rm -rf .demo .pytest_cache .ruff_cache .mypy_cache

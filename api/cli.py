@@ -287,5 +287,8 @@ def exit_code(record: dict[str, Any]) -> int:
     return EXIT_INVALID if error_type in user_errors else EXIT_FAILED
 
 
-def _subclasses(cls: type) -> list[type]:
-    return [cls, *(s for sub in cls.__subclasses__() for s in _subclasses(sub))]
+def _subclasses(cls: type[Exception]) -> list[type[Exception]]:
+    found = [cls]
+    for sub in cls.__subclasses__():
+        found += _subclasses(sub)
+    return found

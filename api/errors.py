@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -82,10 +83,18 @@ class Unavailable(ApiError):
 
 
 # for the OpenAPI document: what each error status looks like
-ERROR_RESPONSES: dict[int | str, dict] = {
-    status: {"model": ErrorResponse, "description": description}
-    for status, description in ((400, "malformed request"), (401, "missing or unknown key"),
-                                (403, "the key's role does not allow this"),
-                                (413, "request body too large"),
-                                (422, "invalid parameters or body: every problem"))
+OpenApiResponses = dict[int | str, dict[str, Any]]
+
+
+def error_response(status: int, description: str) -> OpenApiResponses:
+    """One error status of an endpoint, in the common shape, for `responses=`."""
+    return {status: {"model": ErrorResponse, "description": description}}
+
+
+ERROR_RESPONSES: OpenApiResponses = {
+    **error_response(400, "malformed request"),
+    **error_response(401, "missing or unknown key"),
+    **error_response(403, "the key's role does not allow this"),
+    **error_response(413, "request body too large"),
+    **error_response(422, "invalid parameters or body: every problem"),
 }

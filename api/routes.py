@@ -9,7 +9,13 @@ from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request, Resp
 from fastapi.responses import StreamingResponse
 
 from api.auth import Principal, optional_principal, require
-from api.errors import ERROR_RESPONSES, BadRequest, ErrorResponse, Invalid, Unavailable
+from api.errors import (
+    ERROR_RESPONSES,
+    BadRequest,
+    Invalid,
+    Unavailable,
+    error_response,
+)
 from api.metrics import CONTENT_TYPE
 from api.models import Health, JobList, MethodInfo, Readiness
 from api.service import JobService
@@ -21,9 +27,9 @@ router = APIRouter(responses=ERROR_RESPONSES)
 Reader = Annotated[Principal, require("read")]
 Submitter = Annotated[Principal, require("submit")]
 JobId = Annotated[str, Path(description="a job id", max_length=64)]
-_404 = {404: {"model": ErrorResponse, "description": "no such job"}}
-_409 = {409: {"model": ErrorResponse, "description": "not possible in the job's state"}}
-_422 = {422: {"model": ErrorResponse, "description": "every problem of the spec"}}
+_404 = error_response(404, "no such job")
+_409 = error_response(409, "not possible in the job's state")
+_422 = error_response(422, "every problem of the spec")
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 

@@ -15,7 +15,15 @@ from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from fastapi import Path as PathParam
 
 from api.auth import Principal, require
-from api.errors import ERROR_RESPONSES, Conflict, ErrorResponse, Forbidden, Invalid, NotFound
+from api.errors import (
+    ERROR_RESPONSES,
+    Conflict,
+    ErrorResponse,
+    Forbidden,
+    Invalid,
+    NotFound,
+    error_response,
+)
 from api.routes import unique_keys
 from merge_service.errors import Problem
 from merge_service.methods import build_method
@@ -29,8 +37,8 @@ router = APIRouter(responses=ERROR_RESPONSES, tags=["schedules"])
 Reader = Annotated[Principal, require("read")]
 Submitter = Annotated[Principal, require("submit")]
 ScheduleId = Annotated[str, PathParam(description="a schedule id", max_length=64)]
-_404 = {404: {"model": ErrorResponse, "description": "no such schedule"}}
-_409 = {409: {"model": ErrorResponse, "description": "a tick of the schedule is running"}}
+_404 = error_response(404, "no such schedule")
+_409 = error_response(409, "a tick of the schedule is running")
 
 
 class ScheduleService:

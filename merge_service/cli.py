@@ -14,39 +14,44 @@ import threading
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from merge_service.errors import InvalidInputError, MergeCancelled, MergeServiceError
 
+if TYPE_CHECKING:
+    from merge_service.engine import Progress
+
 EXIT_OK, EXIT_INVALID, EXIT_FAILED = 0, 1, 2
 
 
-def _progress_bar(quiet: bool) -> tuple[Callable, Callable[[], None]]:
+def _progress_bar(quiet: bool) -> tuple[Callable[[Progress], None], Callable[[], None]]:
     """A tqdm bar per stage on stderr; returns (callback, close)."""
     from tqdm import tqdm
 
-    state: dict[str, object] = {"stage": None, "bar": None}
+    stage: str | None = None
+    bar: tqdm | None = None
 
     def close() -> None:
-        bar = state["bar"]
+        nonlocal bar
         if bar is not None:
-            bar.close()  # type: ignore[attr-defined]
-            state["bar"] = None
+            bar.close()
+            bar = None
 
-    def callback(p) -> None:
+    def callback(p: Progress) -> None:
+        nonlocal stage, bar
         if quiet or p.stage not in {"merging", "reverting"}:
             return
-        if state["stage"] != p.stage:
+        if bar is None or stage != p.stage:
             close()
-            state["stage"] = p.stage
+            stage = p.stage
             # disable=None: no bar when stderr is not a terminal (logs, CI)
-            state["bar"] = tqdm(total=p.total, desc=p.stage, unit="tensor", file=sys.stderr,
-                                dynamic_ncols=True, leave=False, disable=None)
-        bar = state["bar"]
+            bar = tqdm(total=p.total, desc=p.stage, unit="tensor", file=sys.stderr,
+                       dynamic_ncols=True, leave=False, disable=None)
         if p.current:
-            bar.set_postfix_str(p.current[-48:], refresh=False)  # type: ignore[attr-defined]
-        bar.update(p.done - bar.n)  # type: ignore[attr-defined]
+            bar.set_postfix_str(p.current[-48:], refresh=False)
+        bar.update(p.done - bar.n)
 
     return callback, close
 

@@ -25,6 +25,7 @@ Keys (prefix `ms:`):
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import re
@@ -295,7 +296,7 @@ class JobStore:
                 "owner": json.loads(owner) if owner else None}
 
     def list(self, *, status: str | None = None, name: str | None = None, limit: int = 20,
-             after: str | None = None) -> tuple[list[JobRecord], str | None]:
+             after: str | None = None) -> tuple[builtins.list[JobRecord], str | None]:
         """Newest first. Returns the page and the id to continue after (None: no more)."""
         index = self._index(status=status, name=name)
         both = status is not None and name is not None  # the name index, filtered by status
@@ -363,7 +364,7 @@ class JobStore:
         lock is `owner`'s (a worker that lost its lock writes nothing). Returns whether it
         ran."""
         key, lock = self.job_key(job_id), self._lock_key(job_id)
-        done = []
+        done: list[bool] = []
 
         def check_then_write(pipe: redis.client.Pipeline) -> None:
             done.clear()
@@ -420,7 +421,7 @@ class JobStore:
         pipe.xadd(self.all_events_key(), {"job": job_id, "type": kind, "data": text},
                   maxlen=ALL_EVENTS_MAXLEN, approximate=True)
 
-    def events(self, job_id: str, after: str = "0-0", count: int = 1000) -> list[JobEvent]:
+    def events(self, job_id: str, after: str = "0-0", count: int = 1000) -> builtins.list[JobEvent]:
         entries = self.r.xrange(self.events_key(job_id), min=f"({after}" if after != "0-0"
                                 else "-", count=count)
         return [decode_event(event_id, fields) for event_id, fields in entries]
@@ -461,7 +462,7 @@ class JobStore:
         pipe.delete(f"{self.p}worker:{name}")
         pipe.execute()
 
-    def live_workers(self, ttl_s: float) -> list[dict[str, Any]]:
+    def live_workers(self, ttl_s: float) -> builtins.list[dict[str, Any]]:
         """Workers whose last heartbeat is younger than `ttl_s`; stale entries are dropped."""
         key = f"{self.p}workers"
         cutoff = time.time() - ttl_s
@@ -472,7 +473,7 @@ class JobStore:
         infos = self.r.mget([f"{self.p}worker:{n}" for n in names])
         return [json.loads(i) for i in infos if i]
 
-    def orphaned_jobs(self) -> list[str]:
+    def orphaned_jobs(self) -> builtins.list[str]:
         """Jobs a worker holds (validating, running, pushing) whose lock has expired."""
         ids: list[str] = []
         for status in sorted(ACTIVE):
@@ -509,7 +510,7 @@ class JobStore:
         record = outcome.get("record")
         return JobRecord.model_validate(record) if record else None
 
-    def unsent_jobs(self, grace_s: float) -> list[tuple[str, str]]:
+    def unsent_jobs(self, grace_s: float) -> builtins.list[tuple[str, str]]:
         """Queued, unlocked jobs whose task was last sent more than `grace_s` ago (doubling
         with each re-send, up to 64 x): their message may be lost (the API died before
         sending it, a send failed, a delivery was dropped while a dead attempt's lock

@@ -22,6 +22,7 @@ import shutil
 import threading
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from merge_service.engine import Progress, run_merge
 from merge_service.errors import InvalidInputError, MergeCancelled, MergeServiceError
@@ -234,7 +235,8 @@ def merge(store: JobStore, record: JobRecord, settings: Settings, heartbeat: Loc
             return "failed: time limit"
         log.exception("job %s failed", job_id)  # the full traceback: in the worker log only
         last = reporter.last
-        details = {"stage": last.stage, "tensor": last.current} if last else None
+        details: dict[str, Any] | None = \
+            {"stage": last.stage, "tensor": last.current} if last else None
         if not isinstance(exc, MergeServiceError):
             details = {**(details or {}), "unexpected": True}
         message = str(exc).strip() or type(exc).__name__

@@ -18,6 +18,7 @@ import shutil
 import struct
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -43,7 +44,7 @@ class ShardedSafetensorsWriter:
         self._pending_bytes = sum(self._pending.values())
         self._shards: list[tuple[Path, int, dict[str, dict]]] = []  # (file, reserved, header)
         self._path: Path | None = None
-        self._fh = None
+        self._fh: BinaryIO | None = None
         self._reserved = 0
         self._header: dict[str, dict] = {}
         self._offset = 0
@@ -57,23 +58,23 @@ class ShardedSafetensorsWriter:
         nbytes = tensor.numel() * tensor.element_size()
         if self._fh is not None and self._offset and self._offset + nbytes > self.shard_bytes:
             self._close_shard()
-        if self._fh is None:
-            self._open_shard()
+        fh = self._fh if self._fh is not None else self._open_shard()
         if nbytes:
-            self._fh.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            fh.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
         self._header[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
                               "data_offsets": [self._offset, self._offset + nbytes]}
         self._offset += nbytes
         self.total_bytes += nbytes
         self._pending_bytes -= self._pending.pop(name, 0)
 
-    def _open_shard(self) -> None:
+    def _open_shard(self) -> BinaryIO:
         header_bound = len(json.dumps({"__metadata__": self.metadata})) + self._pending_bytes
         self._reserved = 8 + header_bound + (-header_bound % 8)  # data starts 8-byte aligned
         self._path = self.directory / f".{self.prefix}-{len(self._shards) + 1}.part"
-        self._fh = self._path.open("wb")
-        self._fh.seek(self._reserved)
+        self._fh = fh = self._path.open("wb")
+        fh.seek(self._reserved)
         self._header, self._offset = {}, 0
+        return fh
 
     def _close_shard(self) -> None:
         assert self._fh is not None and self._path is not None

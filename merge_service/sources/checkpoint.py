@@ -105,7 +105,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
 def read_tensor(fd: int, info: TensorInfo) -> torch.Tensor:
     """Read one tensor's bytes from an open safetensors file into a new CPU tensor."""
     out = torch.empty(info.shape, dtype=info.dtype)
-    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    view = out.reshape(-1).view(torch.uint8).numpy().data
     done = 0
     while done < len(view):
         got = os.preadv(fd, [view[done:]], info.offset + done)

@@ -240,13 +240,13 @@ def cron_schedule(expression: str) -> crontab | rrule:
         minute, hour, day_of_month, month_of_year, day_of_week = fields
         try:
             # as a list in text: redbeat stores the crontab as written, in JSON
-            weekdays = "*" if day_of_week == "*" else ",".join(
+            weekday_list = "*" if day_of_week == "*" else ",".join(
                 str(day) for day in sorted(_weekdays(day_of_week)))
         except Exception as exc:  # ValueError or celery's ParseException
             raise ValueError(f"cron {expression!r}: weekday {day_of_week!r}: {exc}") from None
         try:
             return crontab(minute=minute, hour=hour, day_of_month=day_of_month,
-                           month_of_year=month_of_year, day_of_week=weekdays)
+                           month_of_year=month_of_year, day_of_week=weekday_list)
         except Exception as exc:  # celery raises ValueError or its own ParseException
             raise ValueError(f"cron {expression!r}: {exc}") from None
     by: dict[str, list[int] | None] = {}

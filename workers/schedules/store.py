@@ -23,6 +23,7 @@ behind; `delete` removes every key above.
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import secrets
@@ -127,7 +128,7 @@ def _job_origin(jobs: JobStore, schedule_id: str, job_id: str) -> dict[str, Any]
     for part in ("open", "retried"):
         raw = jobs.r.hget(schedule_key(jobs, schedule_id, part), job_id)
         if raw:
-            return json.loads(raw)  # type: ignore[no-any-return]
+            return json.loads(raw)
     for raw in jobs.r.lrange(schedule_key(jobs, schedule_id, "runs"), 0, -1):
         run = ScheduleRun.model_validate_json(raw)
         if run.job_id == job_id and run.fingerprint:
@@ -225,7 +226,7 @@ class ScheduleStore:
         raw = self.r.hget(self._key(schedule_id), "created_by")
         return json.loads(raw) if raw else None
 
-    def list(self) -> list[Schedule]:
+    def list(self) -> builtins.list[Schedule]:
         ids = self.r.zrevrangebylex(f"{self.p}schedules", "+", "-")
         return [s for s in (self.get(i) for i in ids) if s is not None]
 
@@ -314,14 +315,14 @@ class ScheduleStore:
                               args=[run.model_dump_json(exclude={"job_status"}), RUNS_KEPT])
         return run if added else None
 
-    def runs(self, schedule_id: str, limit: int = 50) -> list[ScheduleRun]:
+    def runs(self, schedule_id: str, limit: int = 50) -> builtins.list[ScheduleRun]:
         """Newest first, each with its job's current status."""
         raw = self.r.lrange(self._key(schedule_id, "runs"), 0, limit - 1)
         runs = [ScheduleRun.model_validate_json(r) for r in raw]
         pipe = self.r.pipeline(transaction=False)
         with_jobs = [run for run in runs if run.job_id]
         for run in with_jobs:
-            pipe.hget(self.jobs.job_key(run.job_id), "status")  # type: ignore[arg-type]
+            pipe.hget(self.jobs.job_key(run.job_id or ""), "status")
         for run, status in zip(with_jobs, pipe.execute() if with_jobs else [], strict=True):
             run.job_status = json.loads(status) if status else None
         return runs
@@ -354,7 +355,8 @@ class ScheduleStore:
                                ex=SLOT_CLAIM_S))
 
     def add_open(self, schedule_id: str, job_id: str, run_id: str, fingerprint: str, *,
-                 base: str | None = None, merged: list[PinnedAdapter] | None = None) -> bool:
+                 base: str | None = None,
+                 merged: builtins.list[PinnedAdapter] | None = None) -> bool:
         """False when the schedule is gone. `base` and `merged` (the adapters the job merges)
         tell a later tick whether only unreadable adapters changed."""
         entry: dict[str, Any] = {"run_id": run_id, "fingerprint": fingerprint}
@@ -364,7 +366,8 @@ class ScheduleStore:
             keys=[self._key(schedule_id), self._key(schedule_id, "open")],
             args=[job_id, json.dumps(entry)]))
 
-    def settle(self, schedule_id: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    def settle(self, schedule_id: str
+               ) -> tuple[dict[str, Any] | None, builtins.list[dict[str, Any]]]:
         """Look at the jobs not yet seen ending: record the newest success, forget the ended.
         Returns the last success and the jobs still open (`job_id`, `status`, `fingerprint`)."""
         open_key, success_key = self._key(schedule_id, "open"), self._key(schedule_id,
