@@ -474,3 +474,85 @@ def test_job_cpu_priority_setting(priority: str, expected: tuple[int, int]) -> N
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
                          text=True, check=True).stdout.split()
     assert (int(out[0]), int(out[1])) == expected
+
+
+def test_the_hard_time_limit_fails_only_the_killed_child_s_own_attempt(
+        redis_server: EmbeddedRedis, minilm_inputs: Inputs, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the worker's main process does when billiard kills a child at the hard time limit
+    (`JobRequest.on_timeout` notes the child, `JobTask.on_failure` runs): the job fails if the
+    killed child still held it, and is left alone if another attempt holds it or the reaper
+    already queued it again."""
+    from celery.exceptions import TimeLimitExceeded
+
+    import workers.liveness
+    import workers.tasks
+
+    url = redis_url(redis_server, 14)
+    store = JobStore.from_url(url)
+    store.r.flushdb()
+    monkeypatch.setenv("MERGE_SERVICE_REDIS_URL", url)
+    monkeypatch.setenv("MERGE_SERVICE_MAX_JOB_SECONDS", "90")
+    monkeypatch.setattr(workers.liveness, "worker_name", lambda: "w1@test")
+    spec = JobSpec.model_validate(spec_body(minilm_inputs, tmp_path / "out"))
+
+    def running(owner: str | None) -> str:
+        job = store.create(spec, queue="nowhere")
+        if owner is not None:
+            assert store.acquire_lock(job.id, owner, 60)
+        assert store.transition(job.id, "running", {"queued"}) is not None
+        return job.id
+
+    def hard_limit(job_id: str, child_pid: int) -> None:
+        workers.tasks._timed_out[job_id] = child_pid  # what on_timeout(soft=False) records
+        workers.tasks.run.on_failure(TimeLimitExceeded(150.0), job_id, (job_id,), {}, None)
+        assert job_id not in workers.tasks._timed_out
+
+    held = running("w1@test:4242")
+    hard_limit(held, 4242)
+    record = store.get(held)
+    assert record.status == "failed" and record.error is not None
+    assert record.error.type == "TimeLimitExceeded"
+    assert "MERGE_SERVICE_MAX_JOB_SECONDS (90 s)" in record.error.message
+
+    expired = running(None)  # the child's lock had already run out: still its attempt
+    hard_limit(expired, 4243)
+    assert store.get(expired).status == "failed"
+
+    taken = running("w2@test:777")  # a rerun elsewhere holds it: the killed child had lost it
+    hard_limit(taken, 4244)
+    assert store.get(taken).status == "running"
+
+    requeued = store.create(spec, queue="nowhere")  # the reaper put it back: a rerun's to run
+    hard_limit(requeued.id, 4245)
+    assert store.get(requeued.id).status == "queued"
+
+
+def test_a_job_cancelled_before_a_worker_starts_it_runs_nothing(
+        redis_server: EmbeddedRedis, minilm_inputs: Inputs, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run_job` as a worker child calls it, on jobs the API was cancelling when the message
+    arrived: the flag is set and the job still queued (between the API's two steps), or the
+    job already cancelled. Neither starts, and the lock is let go."""
+    from workers.runner import run_job
+
+    url = redis_url(redis_server, 14)
+    store = JobStore.from_url(url)
+    store.r.flushdb()
+    monkeypatch.setenv("MERGE_SERVICE_REDIS_URL", url)
+    monkeypatch.setenv("MERGE_SERVICE_DATA_DIR", str(tmp_path / "data"))
+    spec = JobSpec.model_validate(spec_body(minilm_inputs, tmp_path / "out"))
+
+    flagged = store.create(spec, queue="nowhere")
+    store.request_cancel(flagged.id)
+    assert run_job(flagged.id, worker="w1@test") == "cancelled before it started"
+    record = store.get(flagged.id)
+    assert record.status == "cancelled" and record.started_at is None
+    assert store.lock_owner(flagged.id) is None
+
+    cancelled = store.create(spec, queue="nowhere")
+    store.request_cancel(cancelled.id)
+    assert store.transition(cancelled.id, "cancelled", {"queued"}) is not None
+    assert run_job(cancelled.id, worker="w1@test") == "already cancelled"
+    assert store.get(cancelled.id).status == "cancelled"
+    assert not (tmp_path / "out").exists()
