@@ -18,7 +18,6 @@ from api.auth import Principal, require
 from api.errors import (
     ERROR_RESPONSES,
     Conflict,
-    ErrorResponse,
     Forbidden,
     Invalid,
     NotFound,
@@ -27,6 +26,7 @@ from api.errors import (
 from api.routes import unique_keys
 from merge_service.errors import Problem
 from merge_service.methods import build_method
+from merge_service.preflight import LocalPath, outside_roots_problems
 from merge_service.settings import Settings
 from merge_service.sinks.hub import hub_destination_problems
 from workers.schedules.models import RunList, Schedule, ScheduleCreate, ScheduleList, ScheduleRun
@@ -63,12 +63,20 @@ class ScheduleService:
         if body.destination.startswith("hub://"):
             problems += [Problem(p.message, field="destination")
                          for p in hub_destination_problems(body.destination, self.settings.hub)]
-        directory = body.collection.directory
-        if directory is not None and not Path(directory).is_dir():
-            problems.append(Problem(f"{directory} is not a directory",
-                                    field="collection.directory"))
-        if Path(body.base).is_absolute() and not Path(body.base).is_dir():
-            problems.append(Problem(f"{body.base} is not a directory", field="base"))
+        local = [LocalPath(field, path) for field, path in (
+            ("base", body.base if Path(body.base).is_absolute() else None),
+            ("collection.directory", body.collection.directory),
+            *((f"collection.sources.{i}", source if Path(source).is_absolute() else None)
+              for i, source in enumerate(body.collection.sources or [])),
+            ("destination", None if body.destination.startswith("hub://") else body.destination),
+        ) if path is not None]
+        roots = self.settings.local_root_paths
+        outside = outside_roots_problems(local, roots) if roots else []
+        problems += outside
+        refused = {p.field for p in outside}
+        for field, path, _ in local:  # the base and the collection are read at each run
+            if field in {"base", "collection.directory"} - refused and not Path(path).is_dir():
+                problems.append(Problem(f"{path} is not a directory", field=field))
         return problems
 
     def get(self, schedule_id: str) -> Schedule:
@@ -146,7 +154,7 @@ def schedules(request: Request) -> ScheduleService:
 
 
 @router.post("/v1/schedules", status_code=201, response_model=Schedule,
-             responses={422: {"model": ErrorResponse, "description": "every problem"}},
+             responses=error_response(422, "every problem"),
              summary="Create a schedule", dependencies=[Depends(unique_keys)])
 def create_schedule(request: Request, response: Response,
                     body: Annotated[ScheduleCreate, Body(

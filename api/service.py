@@ -23,6 +23,7 @@ from api.metrics import ApiMetrics
 from merge_service.engine import prepare
 from merge_service.errors import InvalidInputError
 from merge_service.methods import catalog
+from merge_service.preflight import local_paths, outside_roots_problems
 from merge_service.settings import Settings
 from merge_service.spec import JobSpec
 from workers.celery_app import RUN_JOB
@@ -113,6 +114,12 @@ class JobService:
     def preflight(self, spec: JobSpec) -> JobSpec:
         """Every problem of the spec, or the spec to store: sources pinned, local paths
         absolute, the user's device kept as written."""
+        roots = self.settings.local_root_paths
+        if roots:  # before any file is opened
+            outside = outside_roots_problems(local_paths(spec), roots)
+            if outside:
+                raise Invalid(f"the spec has {len(outside)} problem(s)", outside,
+                              type="PreflightError")
         as_cpu = spec.model_copy(update={"options": spec.options.model_copy(
             update={"device": "cpu"})})
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -17,7 +18,7 @@ from merge_service.methods import MergeMethod, available
 from merge_service.sinks.artifact import ARTIFACT_FORMATS
 from merge_service.sources.checkpoint import Checkpoint, TensorInfo
 from merge_service.sources.lora import LoraAdapter
-from merge_service.sources.resolve import ResolvedSource
+from merge_service.sources.resolve import ResolvedSource, looks_local
 from merge_service.spec import JobSpec
 
 
@@ -193,6 +194,51 @@ def local_destination(destination: str) -> tuple[Path | None, list[Problem]]:
     except (RuntimeError, OSError) as exc:  # `~nosuchuser`, a loop of links
         return None, [Problem(f"cannot use the destination {destination!r}: {exc}",
                               field="output.destination")]
+
+
+class LocalPath(NamedTuple):
+    field: str
+    path: str
+    model: str | None = None  # the task model it belongs to
+
+
+def local_paths(spec: JobSpec) -> list[LocalPath]:
+    """Every local path a spec reads or writes: the base and models that are not Hub ids, a
+    local destination, the calibration files."""
+    found = [LocalPath("base", spec.base, "base")] if looks_local(spec.base) else []
+    found += [LocalPath(f"models.{i}.source", m.source, name)
+              for i, (m, name) in enumerate(zip(spec.models, spec.task_names(), strict=True))
+              if looks_local(m.source)]
+    destination = spec.output.destination
+    if destination and not destination.startswith("hub://"):
+        found.append(LocalPath("output.destination", destination))
+    found += [LocalPath(f"calibration.{task}.path", source.path)
+              for task, source in (spec.calibration or {}).items()]
+    return found
+
+
+def under_roots(path: Path, roots: list[Path]) -> bool:
+    """`path` (absolute, links resolved) is one of `roots` or lies below one."""
+    return any(path == root or root in path.parents for root in roots)
+
+
+def outside_roots_problems(paths: list[LocalPath], roots: list[Path]) -> list[Problem]:
+    """The paths (links followed) under none of `roots`: a service configured with
+    `MERGE_SERVICE_LOCAL_ROOTS` reads and writes nowhere else for the specs it is sent."""
+    problems = []
+    allowed = ", ".join(str(root) for root in roots)
+    for field, given, model in paths:
+        try:
+            path = Path(given).expanduser().resolve()
+        except (RuntimeError, OSError) as exc:  # `~nosuchuser`, a loop of links
+            problems.append(Problem(f"cannot use the path {given!r}: {exc}", model=model,
+                                    field=field))
+            continue
+        if not under_roots(path, roots):
+            problems.append(Problem(f"{given} is outside the directories this service may "
+                                    f"use (MERGE_SERVICE_LOCAL_ROOTS: {allowed})", model=model,
+                                    field=field))
+    return problems
 
 
 def overwrite_problems(destination: Path, inputs: list[tuple[str, Path]]) -> list[Problem]:

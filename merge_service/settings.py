@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     api_keys: SecretStr | None = Field(None, description="KEY:ROLE[,KEY:ROLE...]")
     hf_token: SecretStr | None = None
     hf_endpoint: str | None = None
+    local_roots: str | None = Field(
+        None, description="DIR[,DIR...]: the only local paths that specs sent to the API (jobs, "
+        "validations, schedules) may read or write; unset: any path the service can reach")
     max_job_seconds: int = Field(6 * 3600, ge=60)
     worker_queues: str = Field("auto", description="auto, cpu, gpu or cpu,gpu")
     # the service (api/, workers/)
@@ -39,6 +42,19 @@ class Settings(BaseSettings):
     def redis_url_or_default(self) -> str:
         """`REDIS_URL`, else the usual local server (`up` starts an embedded one instead)."""
         return self.redis_url or "redis://127.0.0.1:6379/0"
+
+    @cached_property
+    def schedule_inputs_dir(self) -> Path:
+        """Where schedules copy the local adapters their jobs merge (`workers.schedules`)."""
+        return self.data_dir.expanduser().resolve() / "schedule-inputs"
+
+    @cached_property
+    def local_root_paths(self) -> list[Path]:
+        """`LOCAL_ROOTS` as absolute directories, links resolved, with the service's own copies
+        of schedules' adapters, which their jobs read (empty: no restriction)."""
+        roots = [Path(d.strip()).expanduser().resolve()
+                 for d in (self.local_roots or "").split(",") if d.strip()]
+        return [*roots, self.schedule_inputs_dir] if roots else []
 
     @cached_property
     def hub(self) -> HubOptions:

@@ -224,6 +224,45 @@ def test_unknown_route_has_the_error_shape(client: TestClient) -> None:
     assert error(response)["type"] == "NotFound"
 
 
+def test_local_roots_confine_the_paths_a_spec_may_use(redis_server: EmbeddedRedis,
+                                                     store: JobStore, minilm_inputs: Inputs,
+                                                     tmp_path: Path) -> None:
+    """With MERGE_SERVICE_LOCAL_ROOTS, a spec reads and writes under those directories only,
+    links followed; submitting and validating refuse the rest before opening anything."""
+    allowed = tmp_path / "allowed"
+    (tmp_path / "elsewhere").mkdir()
+    allowed.mkdir()
+    (allowed / "link").symlink_to(tmp_path / "elsewhere")
+    inputs = [minilm_inputs.base, *minilm_inputs.models[:2]]
+    roots = ",".join(str(p) for p in [allowed, *inputs])
+    with make_client(redis_server, tmp_path, local_roots=roots) as client:
+        inside = client.post("/v1/jobs", json=spec_body(minilm_inputs, allowed / "out"))
+        assert inside.status_code == 202, inside.text
+
+        for destination in (tmp_path / "elsewhere" / "out", allowed / "link" / "out",
+                            allowed / ".." / "out", "relative/out"):
+            response = client.post("/v1/jobs", json=spec_body(minilm_inputs, destination))
+            assert response.status_code == 422, (destination, response.text)
+            [problem] = error(response)["problems"]
+            assert problem["field"] == "output.destination"
+            assert "outside the directories this service may use" in problem["message"]
+            assert str(allowed) in problem["message"]
+
+        body = spec_body(minilm_inputs, allowed / "out2", n_models=3,
+                         calibration={"a": {"path": "/etc/hostname"}})
+        response = client.post("/v1/jobs", json=body)
+        assert response.status_code == 422
+        assert {p["field"] for p in error(response)["problems"]} == \
+            {"models.2.source", "calibration.a.path"}
+
+        checked = client.post("/v1/jobs:validate", json=spec_body(minilm_inputs, "/tmp/out"))
+        assert checked.status_code == 200
+        assert not checked.json()["valid"]
+        assert checked.json()["problems"][0]["field"] == "output.destination"
+    assert queued_messages(store) == 1  # the one inside
+    assert not (tmp_path / "elsewhere" / "out").exists()
+
+
 # --- listing ------------------------------------------------------------------------------------
 
 def test_list_newest_first_with_filters_and_cursor(client: TestClient, minilm_inputs: Inputs,

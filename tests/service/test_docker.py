@@ -71,6 +71,7 @@ def test_env_files_name_only_settings_and_point_at_the_compose_redis(compose: di
         assert key in fields or key.startswith("HF_"), key
     assert defaults["MERGE_SERVICE_REDIS_URL"].startswith("redis://redis:6379")
     assert defaults["MERGE_SERVICE_DATA_DIR"] == "/data"
+    assert defaults["MERGE_SERVICE_LOCAL_ROOTS"] == "/data"  # specs stay on the shared volume
     assert "MERGE_SERVICE_API_KEYS" in example
     settings = Settings(**{k.removeprefix("MERGE_SERVICE_").lower(): v
                            for k, v in defaults.items() if k.startswith("MERGE_SERVICE_")})

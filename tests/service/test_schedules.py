@@ -404,6 +404,60 @@ def test_cron_names_only_in_their_own_fields(expression: str, message: str) -> N
         cron_schedule(expression)
 
 
+def test_local_roots_confine_a_schedule_s_paths(redis_server: EmbeddedRedis,
+                                               minilm_dir: Path,
+                                               minilm_adapters: dict[str, Path],
+                                               tmp_path: Path) -> None:
+    """With MERGE_SERVICE_LOCAL_ROOTS, a schedule's base, collection and destination must lie
+    under them (links followed), checked at creation; each run's job is checked again when it
+    is submitted, as every job sent to the API is."""
+    url = redis_url(redis_server, 15)
+    JobStore.from_url(url).r.flushdb()
+    allowed = tmp_path / "allowed"
+    (allowed / "adapters").mkdir(parents=True)
+    (allowed / "escape").symlink_to(tmp_path)
+    for name in ("qv", "pattern"):
+        shutil.copytree(minilm_adapters[name], allowed / "adapters" / name)
+    # an adapter of the collection that is a link to a directory outside the roots
+    (allowed / "adapters" / "linked").symlink_to(minilm_adapters["rslora"])
+    app = create_app(service_settings(url, tmp_path / "data", api_keys=API_KEYS,
+                                      local_roots=f"{allowed},{minilm_dir}"))
+    headers = {"Authorization": f"Bearer {KEYS['submit']}"}
+    body = {"name": "confined", "base": str(minilm_dir), "every_seconds": 3600, "paused": True,
+            "collection": {"directory": str(allowed / "adapters")},
+            "template": {"method": {"name": "task_arithmetic"}, "output": {"format": "lora"}},
+            "destination": str(allowed / "out")}
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        created = client.post("/v1/schedules", json=body, headers=headers)
+        assert created.status_code == 201, created.text
+        # a run submits its job through the API's own checks: the link is left out
+        run = client.post(f"/v1/schedules/{created.json()['id']}/run", headers=headers).json()
+        assert run["status"] == "submitted", [o["problems"] for o in run["left_out"]]
+        assert sorted(run["merged"]) == ["pattern", "qv"] and run["left_out"] == []
+        [linked] = run["ignored"]  # not read, not copied: the link leads out of the roots
+        assert linked["origin"] == str(minilm_adapters["rslora"].resolve())
+        assert "outside the directories" in linked["reason"]
+        job = client.get(f"/v1/jobs/{run['job_id']}", headers=headers).json()
+        # the job reads the schedule's own copies of the adapters, under DATA_DIR
+        assert all(m["source"].startswith(str((tmp_path / "data").resolve()))
+                   for m in job["spec"]["models"])
+
+        outside = {"collection": {"directory": str(allowed / "escape")},
+                   "destination": str(tmp_path / "out"),
+                   "base": str(tmp_path / "not-a-base")}
+        response = client.post("/v1/schedules", json=body | outside, headers=headers)
+        assert response.status_code == 422
+        problems = response.json()["error"]["problems"]
+        # outside: refused, not looked at (no "is not a directory" for the missing base)
+        assert sorted(p["field"] for p in problems) == ["base", "collection.directory",
+                                                        "destination"]
+        assert all("outside the directories" in p["message"] for p in problems)
+        sources = {"collection": {"sources": [str(allowed / "adapters"), "/etc"]}}
+        response = client.post("/v1/schedules", json=body | sources, headers=headers)
+        assert [p["field"] for p in response.json()["error"]["problems"]] == \
+            ["collection.sources.1"]
+
+
 @pytest.mark.parametrize(("expression", "message"), [
     ("0 2 * * sun#1", "weekday 'sun#1': '#' (nth weekday of the month) is not supported"),
     ("0 2 * * 0#1", "weekday '0#1': '#' (nth weekday of the month) is not supported"),

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from merge_service.preflight import under_roots
 from merge_service.sources.lora import is_adapter_dir
 from merge_service.sources.resolve import HubOptions, looks_local
 from merge_service.spec import derive_task_name
@@ -85,16 +86,18 @@ def fingerprint(base: str, pinned: list[PinnedAdapter], unread: list[LeftOut]) -
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 
 
-def resolve_collection(collection: CollectionSpec, base: str, hub: HubOptions, snapshots: Path
-                       ) -> ResolvedCollection:
+def resolve_collection(collection: CollectionSpec, base: str, hub: HubOptions, snapshots: Path,
+                       roots: list[Path] | None = None) -> ResolvedCollection:
+    """`roots` (`MERGE_SERVICE_LOCAL_ROOTS`): a local adapter elsewhere, as a link in the
+    collection directory may lead, is ignored, not read."""
     pinned_base = pin_base(base, hub)
     if collection.hub_collection is not None:
         resolved = _hub_collection(collection.hub_collection, hub)
     elif collection.sources is not None:
-        resolved = _sources(collection.sources, hub, snapshots)
+        resolved = _sources(collection.sources, hub, snapshots, roots or [])
     else:
         assert collection.directory is not None
-        resolved = _directory(Path(collection.directory), snapshots)
+        resolved = _directory(Path(collection.directory), snapshots, roots or [])
     _name_uniquely(resolved.adapters)
     resolved.base = pinned_base
     return resolved
@@ -162,21 +165,22 @@ def _reason(exc: Exception) -> str:
 
 # --- local directories -----------------------------------------------------------------------
 
-def _sources(sources: list[str], hub: HubOptions, snapshots: Path) -> ResolvedCollection:
+def _sources(sources: list[str], hub: HubOptions, snapshots: Path, roots: list[Path]
+             ) -> ResolvedCollection:
     from huggingface_hub import HfApi
 
     api = HfApi(endpoint=hub.endpoint, token=hub.token)
     found = ResolvedCollection()
     for source in sources:
         if looks_local(source):
-            _pin_local(Path(source), snapshots, found, require_adapter=False)
+            _pin_local(Path(source), snapshots, found, roots)
         else:
             repo_id, _, revision = source.partition("@")
             _pin_hub_repo(api, repo_id, revision or None, found, require_adapter=False)
     return found
 
 
-def _directory(directory: Path, snapshots: Path) -> ResolvedCollection:
+def _directory(directory: Path, snapshots: Path, roots: list[Path]) -> ResolvedCollection:
     if not directory.is_dir():
         raise CollectionError(f"the collection directory {directory} does not exist or is not "
                               "a directory")
@@ -194,13 +198,17 @@ def _directory(directory: Path, snapshots: Path) -> ResolvedCollection:
                                          reason="not a LoRA adapter directory (no "
                                          "adapter_config.json)"))
             continue
-        _pin_local(entry, snapshots, found, require_adapter=True)
+        _pin_local(entry, snapshots, found, roots)
     return found
 
 
-def _pin_local(path: Path, snapshots: Path, found: ResolvedCollection, *,
-               require_adapter: bool) -> None:
+def _pin_local(path: Path, snapshots: Path, found: ResolvedCollection, roots: list[Path]
+               ) -> None:
     path = path.expanduser().resolve()
+    if roots and not under_roots(path, roots):
+        found.ignored.append(LeftOut(origin=str(path), reason="outside the directories this "
+                                     "service may use (MERGE_SERVICE_LOCAL_ROOTS)"))
+        return
     name = path.name
     try:
         if not path.is_dir():

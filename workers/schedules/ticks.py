@@ -66,10 +66,6 @@ class Ticker:
     jobs: JobService
     _pruned_at: float = field(default=-float("inf"), init=False)
 
-    @property
-    def snapshots(self) -> Path:
-        return self.settings.data_dir.expanduser().resolve() / "schedule-inputs"
-
     def tick(self, schedule_id: str, trigger: Trigger = "schedule", force: bool = False
              ) -> ScheduleRun | None:
         """Run one tick and record it. None when there is nothing to record (the schedule was
@@ -111,7 +107,7 @@ class Ticker:
         if time.monotonic() - self._pruned_at < PRUNE_EVERY_S:
             return
         self._pruned_at = time.monotonic()
-        for path in prune_snapshots(self.snapshots, SNAPSHOT_KEEP_S):
+        for path in prune_snapshots(self.settings.schedule_inputs_dir, SNAPSHOT_KEEP_S):
             log.info("removed the unused snapshot %s", path)
 
     def _draft(self, schedule: Schedule, trigger: Trigger) -> _Draft:
@@ -122,7 +118,8 @@ class Ticker:
         self._prune()
         try:
             found = resolve_collection(schedule.collection, schedule.base, self.settings.hub,
-                                       self.snapshots)
+                                       self.settings.schedule_inputs_dir,
+                                       self.settings.local_root_paths)
         except CollectionError as exc:
             return draft.done("failed", str(exc), problems=[RunProblem(message=str(exc))])
         draft.found(found)
