@@ -179,6 +179,12 @@
     }
   }
 
+  // collection items a run did not merge, each with why: "left out: qv (fails preflight)"
+  function items(label, list) {
+    if (!list || !list.length) return "";
+    return el("div", { class: "sub" }, `${label}: ${list.map((l) => `${l.name || l.origin} (${l.reason})`).join("; ")}`);
+  }
+
   function runRow(s, r) {
     const signature = JSON.stringify([r, s.base]);
     const old = rowOf($("runs"), r.id);
@@ -189,7 +195,7 @@
       el("td", {}, ...outcome(r)),
       el("td", {}, r.merged.length ? r.merged.join(", ") : "",
          r.base && r.base !== s.base ? el("div", { class: "sub" }, `base: ${r.base}`) : "",
-         r.left_out.length ? el("div", { class: "sub" }, `left out: ${r.left_out.map((l) => `${l.name || l.origin} (${l.reason})`).join("; ")}`) : ""),
+         items("left out", r.left_out), items("ignored", r.ignored)),
       el("td", {}, jobLink(r.job_id, r.job_status) || "—"));
   }
 

@@ -46,6 +46,7 @@ def test_create_run_now_history_pause_and_delete(tab: Tab, service: Service, min
     collection = tmp_path / "adapters"
     for name in ("qv", "pattern"):
         shutil.copytree(minilm_adapters[name], collection / name)
+    (collection / "notes").mkdir()  # not an adapter: listed as ignored in the history
     out = tmp_path / "out"
     tab.goto("/schedules")
     tab.log_in("submit")
@@ -89,6 +90,8 @@ def test_create_run_now_history_pause_and_delete(tab: Tab, service: Service, min
     history.first.wait_for()
     assert history.first.get_attribute("data-status") == "submitted"
     assert "pattern, qv" in history.first.inner_text()
+    assert f"ignored: {collection / 'notes'} (not a LoRA adapter directory" \
+        in history.first.inner_text()
     job_link = history.first.get_by_role("link")
     job_id = job_link.inner_text()
     job_link.focus()  # and kept there while the refreshes redraw the run as the job finishes
