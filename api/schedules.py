@@ -24,7 +24,7 @@ from api.errors import (
     error_response,
 )
 from api.routes import unique_keys
-from merge_service.errors import Problem
+from merge_service.errors import PreflightError, Problem
 from merge_service.methods import build_method
 from merge_service.preflight import LocalPath, outside_roots_problems
 from merge_service.settings import Settings
@@ -60,9 +60,14 @@ class ScheduleService:
         _, problems = build_method(body.template.method.name, params)
         problems = [Problem(p.message, field=f"template.{p.field}" if p.field else "template")
                     for p in problems]
-        if body.destination.startswith("hub://"):
+        try:
+            hub = self.settings.hub_for(body.hf_token_secret)
+        except PreflightError as exc:
+            problems += exc.problems
+            hub = None
+        if body.destination.startswith("hub://") and hub is not None:
             problems += [Problem(p.message, field="destination")
-                         for p in hub_destination_problems(body.destination, self.settings.hub)]
+                         for p in hub_destination_problems(body.destination, hub)]
         local = [LocalPath(field, path) for field, path in (
             ("base", body.base if Path(body.base).is_absolute() else None),
             ("collection.directory", body.collection.directory),

@@ -51,8 +51,11 @@ class JobService:
     # jobs
 
     def submit(self, spec: JobSpec, principal: Principal, idempotency_key: str | None = None,
-               schedule_id: str | None = None) -> tuple[JobRecord, bool]:
+               schedule_id: str | None = None, hub_secret: str | None = None
+               ) -> tuple[JobRecord, bool]:
         """Preflight, store, enqueue. Returns the job and whether it was an idempotent replay.
+        `hub_secret`: a schedule's `hf_token_secret`, whose token the preflight and the job
+        use instead of the configured one.
 
         An `Idempotency-Key` is looked up first: a replay gets the job the key created even
         once that job has written its destination (which preflight would now refuse). The key
@@ -66,11 +69,12 @@ class JobService:
             claim = earlier
         record = None
         try:
-            resolved = self.preflight(spec)
+            resolved = self.preflight(spec, hub_secret)
             queue = self.queue_for(spec.options.device)
             try:
                 record = self.store.create(resolved, queue=queue, submitted_by=principal.name,
-                                           schedule_id=schedule_id, idempotency=claim)
+                                           schedule_id=schedule_id, hub_secret=hub_secret,
+                                           idempotency=claim)
             except IdempotencyInProgress:
                 raise Conflict("the claim on this Idempotency-Key expired while the request "
                                "ran; submit again", type="IdempotencyInProgress") from None
@@ -111,7 +115,7 @@ class JobService:
                                    type="IdempotencyInProgress") from None
             time.sleep(0.05)
 
-    def preflight(self, spec: JobSpec) -> JobSpec:
+    def preflight(self, spec: JobSpec, hub_secret: str | None = None) -> JobSpec:
         """Every problem of the spec, or the spec to store: sources pinned, local paths
         absolute, the user's device kept as written."""
         roots = self.settings.local_root_paths
@@ -124,7 +128,7 @@ class JobService:
             update={"device": "cpu"})})
         try:
             # Hub weights stay on the Hub until a worker runs the job: headers suffice here
-            prepared = prepare(as_cpu, hub=self.settings.hub, weights=False)
+            prepared = prepare(as_cpu, hub=self.settings.hub_for(hub_secret), weights=False)
         except InvalidInputError as exc:
             raise Invalid(f"the spec has {len(exc.problems)} problem(s)", exc.problems,
                           type=type(exc).__name__) from None
@@ -184,7 +188,8 @@ class JobService:
         record = self.get(job_id)
         if record.status not in TERMINAL:
             raise Conflict(f"job {job_id} is {record.status}; only a finished job can be retried")
-        new, _ = self.submit(record.spec, principal, schedule_id=record.schedule_id)
+        new, _ = self.submit(record.spec, principal, schedule_id=record.schedule_id,
+                             hub_secret=self.store.internal(job_id)["hub_secret"])
         if record.schedule_id is not None:
             from workers.schedules.store import register_retry
 

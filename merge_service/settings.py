@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -9,6 +10,7 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from merge_service.errors import PreflightError, Problem
 from merge_service.sources.resolve import HubOptions
 
 
@@ -24,6 +26,8 @@ class Settings(BaseSettings):
     local_roots: str | None = Field(
         None, description="DIR[,DIR...]: the only local paths that specs sent to the API (jobs, "
         "validations, schedules) may read or write; unset: any path the service can reach")
+    secrets_dir: Path = Field(Path("/run/secrets"), description="where a schedule's "
+                              "`hf_token_secret` NAME is read from: the file SECRETS_DIR/NAME")
     max_job_seconds: int = Field(6 * 3600, ge=60)
     worker_queues: str = Field("auto", description="auto, cpu, gpu or cpu,gpu")
     # the service (api/, workers/)
@@ -55,6 +59,25 @@ class Settings(BaseSettings):
         roots = [Path(d.strip()).expanduser().resolve()
                  for d in (self.local_roots or "").split(",") if d.strip()]
         return [*roots, self.schedule_inputs_dir] if roots else []
+
+    def hub_for(self, secret: str | None) -> HubOptions:
+        """`hub`, with the token of the secret named `secret` when one is named (a schedule's
+        `hf_token_secret`); `PreflightError` when it cannot be read. Read at each use: a
+        rotated secret takes effect at the next job."""
+        if secret is None:
+            return self.hub
+        path = self.secrets_dir / secret
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise PreflightError(Problem(f"cannot read the Hub token secret {secret!r} "
+                                         f"({path}): {reason}", field="hf_token_secret")) \
+                from None
+        if not token:
+            raise PreflightError(Problem(f"the Hub token secret {secret!r} ({path}) is empty",
+                                         field="hf_token_secret"))
+        return replace(self.hub, token=token)
 
     @cached_property
     def hub(self) -> HubOptions:

@@ -189,16 +189,19 @@ class JobStore:
     # create and read
 
     def create(self, spec: JobSpec, *, queue: str, submitted_by: str | None = None,
-               schedule_id: str | None = None,
+               schedule_id: str | None = None, hub_secret: str | None = None,
                idempotency: IdempotencyClaim | None = None) -> JobRecord:
         """Store a new queued job. With `idempotency` (a claim), the key is pointed at the job
         in the same transaction that stores it: a concurrent request with the same key sees
-        either the claim (and waits) or the job, never a key without its job."""
+        either the claim (and waits) or the job, never a key without its job. `hub_secret`:
+        the name of the secret whose Hub token the job uses (its schedule's), kept out of the
+        record."""
         record = JobRecord(id=new_job_id(), name=spec.name, status="queued", spec=spec,
                            created_at=now(), schedule_id=schedule_id)
         fields = _encode(record.model_dump(mode="json"))
         fields |= {"_submitted_by": json.dumps(submitted_by), "_attempts": "0",
-                   "_queue": json.dumps(queue), "_sent_at": repr(time.time()), "_sends": "0"}
+                   "_queue": json.dumps(queue), "_sent_at": repr(time.time()), "_sends": "0",
+                   "_hub_secret": json.dumps(hub_secret)}
 
         def store(pipe: redis.client.Pipeline) -> None:
             if idempotency is not None and pipe.get(idempotency.key) != idempotency.value:
@@ -287,13 +290,14 @@ class JobStore:
 
     def internal(self, job_id: str) -> dict[str, Any]:
         """The fields the API does not return: `submitted_by`, `attempts`, `queue`, `owner`
-        (the `worker:pid` of the latest attempt that changed its state)."""
+        (the `worker:pid` of the latest attempt that changed its state), `hub_secret`."""
         values = self.r.hmget(self.job_key(job_id), "_submitted_by", "_attempts", "_queue",
-                              "_owner")
-        submitted_by, attempts, queue, owner = values
+                              "_owner", "_hub_secret")
+        submitted_by, attempts, queue, owner, hub_secret = values
         return {"submitted_by": json.loads(submitted_by) if submitted_by else None,
                 "attempts": int(attempts or 0), "queue": json.loads(queue) if queue else None,
-                "owner": json.loads(owner) if owner else None}
+                "owner": json.loads(owner) if owner else None,
+                "hub_secret": json.loads(hub_secret) if hub_secret else None}
 
     def list(self, *, status: str | None = None, name: str | None = None, limit: int = 20,
              after: str | None = None) -> tuple[builtins.list[JobRecord], str | None]:

@@ -205,7 +205,8 @@ def merge(store: JobStore, record: JobRecord, settings: Settings, heartbeat: Loc
         # a rerun may replace the output of its own interrupted attempt, which could have
         # been moved into place just before the worker died
         try:
-            result = run_merge(record.spec, overwrite=rerun, hub=settings.hub,
+            hub = settings.hub_for(store.internal(job_id)["hub_secret"])
+            result = run_merge(record.spec, overwrite=rerun, hub=hub,
                                progress=reporter, should_cancel=heartbeat.should_cancel)
         finally:
             if clean_up_after and heartbeat.owned():  # before the job is seen to end

@@ -231,6 +231,8 @@
                   output: { format: $("s-format").value }, options: { device: $("s-device").value } },
       destination: $("s-destination").value.trim(), paused: $("s-paused").checked,
     };
+    const secret = $("s-secret").value.trim();
+    if (secret) b.hf_token_secret = secret;
     if ($("s-when-kind").value === "cron") b.cron = $("s-when").value.trim();
     else b.every_seconds = Number($("s-when").value);
     return b;

@@ -71,9 +71,14 @@ def test_create_run_now_history_pause_and_delete(tab: Tab, service: Service, min
     assert "destination must be hub://org/name or an absolute local directory" in shown, shown
     tab.screenshot("1-problems")
     form.get_by_label("Destination").fill(str(out))
+    form.get_by_label("Hub token secret", exact=False).fill("no-such-secret")
     form.get_by_role("button", name="Create schedule").click()
-    # that one had two problems; the schema error came first, now the method's
+    # that one had two problems; the schema error came first, now the method's, and the
+    # secret that cannot be read
     page.locator("#create-problems li", has_text="lamda").wait_for()
+    page.locator("#create-problems li",
+                 has_text="cannot read the Hub token secret 'no-such-secret'").wait_for()
+    form.get_by_label("Hub token secret", exact=False).fill("")
     form.get_by_label("Method parameters (JSON)").fill("{}")
     form.get_by_role("button", name="Create schedule").click()
     page.locator("#create-result .ok").wait_for()

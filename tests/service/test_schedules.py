@@ -122,10 +122,12 @@ def env(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory,
         hub_settings = {"MERGE_SERVICE_HF_ENDPOINT": hub.url, "MERGE_SERVICE_HF_TOKEN": HF_TOKEN,
                         "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
                         "HF_HOME": str(root / "hf-home-procs")}
+        (root / "secrets").mkdir()  # schedules' own Hub tokens (hf_token_secret)
         env_vars = service_env(url, root / "data", MERGE_SERVICE_API_KEYS=API_KEYS,
-                               **hub_settings)
+                               MERGE_SERVICE_SECRETS_DIR=str(root / "secrets"), **hub_settings)
         app = create_app(service_settings(url, root / "data", api_keys=API_KEYS,
-                                          hf_endpoint=hub.url, hf_token=HF_TOKEN))
+                                          hf_endpoint=hub.url, hf_token=HF_TOKEN,
+                                          secrets_dir=root / "secrets"))
         with TestClient(app, base_url="http://127.0.0.1") as client:
             environment = Env(client, store, ScheduleStore(store, make_beat_app(
                 service_settings(url, root / "data"))), env_vars, root, hub, minilm_dir,
@@ -803,6 +805,54 @@ def test_hub_collection_pinned_to_shas_and_pushed_with_them(env: Env, tmp_path: 
         "hub_collection": "alice/nothing-" + "0" * 24}, str(tmp_path / "out"), paused=True))
     run = env.post(f"/v1/schedules/{missing['id']}/run").json()
     assert run["status"] == "failed" and "cannot read Hub collection" in run["reason"]
+
+
+def test_a_schedule_reads_and_pushes_with_its_own_token_secret(env: Env) -> None:
+    """`hf_token_secret`: the runs of the schedule read and push with the token in that
+    secret (private adapters only it can see, a namespace only it may write to), and the
+    schedule and its jobs hold the secret's name, never the token."""
+    hub = env.hub
+    token = f"hf_customer_{secrets.token_hex(8)}"
+    hub.add_token(token, "customer")
+    secret = env.root / "secrets" / "customer-hub"
+    secret.write_text(token + "\n")
+    for name in ("qv", "pattern"):
+        hub.add_repo(f"customer/minilm-{name}", adapter_files(env.adapters[name]),
+                     private=True, readers=[token])
+    body = schedule_body(env, "customer", {"sources": ["customer/minilm-qv",
+                                                       "customer/minilm-pattern"]},
+                         "hub://customer/minilm-merged", paused=True)
+
+    # with the service's token the adapters cannot be seen: nothing is merged
+    plain = create(env, body)
+    run = env.post(f"/v1/schedules/{plain['id']}/run").json()
+    assert run["status"] == "skipped" and run["job_id"] is None, run
+
+    schedule = create(env, body | {"name": "customer-own", "hf_token_secret": "customer-hub"})
+    assert schedule["hf_token_secret"] == "customer-hub"
+    run = env.post(f"/v1/schedules/{schedule['id']}/run").json()
+    assert run["status"] == "submitted", run
+    job = env.wait_job(run["job_id"])
+    assert job.status == "succeeded", job.error
+    assert job.result is not None and job.result.revision is not None
+    assert job.result.revision in hub.repo("customer/minilm-merged").commits
+    stored = json.dumps([env.store.r.hgetall(env.store.job_key(job.id)),
+                         env.get(f"/v1/schedules/{schedule['id']}").json()])
+    assert token not in stored and "customer-hub" in stored
+    # a retry of the job runs with the schedule's token as well
+    retried = env.post(f"/v1/jobs/{job.id}/retry").json()
+    assert env.store.internal(retried["id"])["hub_secret"] == "customer-hub"
+    assert env.wait_job(retried["id"]).status == "succeeded"
+
+    # a secret that cannot be read: refused at creation, a failed run once it is gone
+    for name, message in (("missing", "cannot read the Hub token secret 'missing'"),
+                          ("../secrets/customer-hub", "should match pattern")):
+        response = env.post("/v1/schedules", json=body | {"hf_token_secret": name})
+        assert response.status_code == 422, response.text
+        assert message in response.text
+    secret.unlink()
+    run = env.post(f"/v1/schedules/{schedule['id']}/run").json()
+    assert run["status"] == "failed" and "cannot read the Hub token secret" in run["reason"]
 
 
 def test_a_hub_base_is_pinned_and_a_new_commit_on_it_is_a_change(env: Env, tmp_path: Path

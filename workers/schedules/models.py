@@ -105,6 +105,11 @@ class ScheduleCreate(_Strict):
                              "writes DESTINATION/RUN_ID) or hub://org/name (each run pushes a "
                              "commit)")
     paused: bool = Field(False, description="created paused: no run until resumed")
+    hf_token_secret: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",
+        description="the name of a secret holding the Hub token this schedule's runs read and "
+        "push with (the file MERGE_SERVICE_SECRETS_DIR/NAME, e.g. a Docker secret); default: "
+        "MERGE_SERVICE_HF_TOKEN. The name is stored, never the token")
 
     @model_validator(mode="after")
     def _when(self) -> ScheduleCreate:

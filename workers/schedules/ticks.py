@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from redis.exceptions import RedisError
 
+from merge_service.errors import PreflightError
 from merge_service.settings import Settings
 from merge_service.spec import JobSpec, ModelEntry, OutputSpec
 from workers.jobs import new_job_id, now, timestamp
@@ -117,9 +118,13 @@ class Ticker:
     def _run(self, schedule: Schedule, draft: _Draft, force: bool) -> ScheduleRun | None:
         self._prune()
         try:
-            found = resolve_collection(schedule.collection, schedule.base, self.settings.hub,
+            hub = self.settings.hub_for(schedule.hf_token_secret)
+            found = resolve_collection(schedule.collection, schedule.base, hub,
                                        self.settings.schedule_inputs_dir,
                                        self.settings.local_root_paths)
+        except PreflightError as exc:  # the schedule's token secret: gone or unreadable
+            return draft.done("failed", str(exc), problems=[
+                RunProblem.of(p) for p in exc.problems])
         except CollectionError as exc:
             return draft.done("failed", str(exc), problems=[RunProblem(message=str(exc))])
         draft.found(found)
@@ -165,7 +170,8 @@ class Ticker:
             if not self.schedules.exists(schedule.id):
                 return None
             try:
-                record, _ = self.jobs.submit(spec, principal, schedule_id=schedule.id)
+                record, _ = self.jobs.submit(spec, principal, schedule_id=schedule.id,
+                                             hub_secret=schedule.hf_token_secret)
             except Invalid as exc:
                 names = {a.name: a for a in candidates}
                 failing = {p.model for p in exc.problems if p.model in names}
