@@ -19,11 +19,13 @@ import json
 import os
 import re
 import struct
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from merge_service.errors import Problem
+from merge_service.sources.cache import prune_unused
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(@[\w./-]+)?$")
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx",
@@ -31,6 +33,10 @@ WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
 METADATA_SUFFIXES = {".json", ".txt", ".model", ".jinja"}
 _FIRST_READ = 1 << 16  # a safetensors header of a few hundred tensors fits in one request
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit
+_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+HEADER_KEEP_S = 7 * 86400  # header copies no preflight used for a week are removed
+HEADER_PRUNE_EVERY_S = 3600.0
+_pruned_at = -float("inf")
 
 
 @dataclass(frozen=True)
@@ -148,6 +154,9 @@ def _header_copy(repo_id: str, sha: str, needed: set[str], sizes: dict[str, int 
     weights = {f for f in needed if f.endswith(".safetensors")}
     small = sorted(needed - weights)
     target = hub.headers_dir / repo_id / sha
+    if target.is_dir():
+        os.utime(target)  # in use: kept by `_prune_header_copies` for another while
+    _prune_header_copies(hub.headers_dir)
     if small:
         cached = Path(snapshot_download(repo_id, revision=sha, allow_patterns=small,
                                         cache_dir=hub.cache_dir, token=hub.token,
@@ -170,6 +179,23 @@ def _header_copy(repo_id: str, sha: str, needed: set[str], sizes: dict[str, int 
             f.truncate(size if size is not None else len(header))  # a hole: no disk used
         os.replace(partial, stub)
     return target
+
+
+def _prune_header_copies(headers_dir: Path) -> None:
+    """At most once an hour per process: the header copies (`REPO/SHA`) no preflight used
+    for a week, and the repo directories they leave empty."""
+    global _pruned_at
+    if time.monotonic() - _pruned_at < HEADER_PRUNE_EVERY_S or not headers_dir.is_dir():
+        return
+    _pruned_at = time.monotonic()
+    copies = [path for pattern in ("*/*", "*/*/*") for path in headers_dir.glob(pattern)
+              if _COMMIT_SHA.fullmatch(path.name)]  # `org/name/SHA`, or `name/SHA`
+    for path in prune_unused(copies, HEADER_KEEP_S):
+        with contextlib.suppress(OSError):  # not empty: other commits of the repo are kept
+            for parent in path.parents:
+                if parent == headers_dir:
+                    break
+                parent.rmdir()
 
 
 def _fetch_header(repo_id: str, sha: str, filename: str, hub: HubOptions) -> bytes:

@@ -7,8 +7,10 @@ and every request the client makes is recorded by the stand-in (`tests/hubstandi
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -492,6 +494,35 @@ def test_headers_only_reads_each_header_and_no_weights(hub: HubStandIn, tmp_path
     hub.clear_requests()
     resolve_source("org/big", "base", headers_options(tmp_path, hub.url), weights=False)
     assert weight_reads(hub, "org/big") == []  # made once per commit
+
+
+def test_header_copies_no_preflight_used_for_a_week_are_removed(
+        hub: HubStandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import merge_service.sources.resolve as resolve
+
+    options = headers_options(tmp_path, hub.url)
+    copies = {}
+    for repo in ("org/kept", "org/stale", "other/stale"):
+        hub.add_repo(repo, model_repo(repo, tensors(0)))
+        found, problems = resolve_source(repo, "base", options, weights=False)
+        assert problems == [] and found is not None
+        copies[repo] = found.path
+    week_ago = time.time() - 8 * 86400
+    for path in copies.values():
+        os.utime(path, (week_ago, week_ago))
+    monkeypatch.setattr(resolve, "_pruned_at", -float("inf"))  # pruning is due
+    hub.clear_requests()
+    found, _ = resolve_source("org/kept", "base", options, weights=False)  # used again
+    assert found is not None and found.path == copies["org/kept"]
+    assert weight_reads(hub, "org/kept") == []  # kept: nothing fetched again
+    assert not copies["org/stale"].exists() and not copies["other/stale"].exists()
+    headers = tmp_path / "preflight-headers"
+    assert sorted(p.name for p in headers.iterdir()) == ["org"]  # `other/` went with its copy
+    assert sorted(p.name for p in (headers / "org").iterdir()) == ["kept"]
+    # at most once an hour: a copy that goes stale now stays until the next pruning
+    os.utime(copies["org/kept"], (week_ago, week_ago))
+    resolve_source("org/stale", "base", options, weights=False)
+    assert copies["org/kept"].exists()
 
 
 def test_a_header_longer_than_the_first_read_takes_a_second_range(hub: HubStandIn,

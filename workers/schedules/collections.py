@@ -41,13 +41,13 @@ import hashlib
 import json
 import os
 import shutil
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from merge_service.preflight import under_roots
+from merge_service.sources.cache import prune_unused
 from merge_service.sources.lora import is_adapter_dir
 from merge_service.sources.resolve import HubOptions, looks_local
 from merge_service.spec import derive_task_name
@@ -275,18 +275,7 @@ def snapshot(directory: Path, revision: str, snapshots: Path) -> Path:
 def prune_snapshots(snapshots: Path, keep_s: float) -> list[Path]:
     """Remove the snapshots no tick has used for `keep_s` seconds (a job that is retried
     within that time still finds its inputs); returns what was removed."""
-    if not snapshots.is_dir():
-        return []
-    cutoff = time.time() - keep_s
-    removed = []
-    for entry in snapshots.iterdir():
-        try:
-            if entry.is_dir() and entry.stat().st_mtime < cutoff:
-                shutil.rmtree(entry)
-                removed.append(entry)
-        except OSError:  # removed by another process meanwhile, or not ours to remove
-            continue
-    return removed
+    return prune_unused(snapshots.iterdir(), keep_s) if snapshots.is_dir() else []
 
 
 def _name_uniquely(adapters: list[PinnedAdapter]) -> None:
