@@ -41,6 +41,19 @@ _404 = error_response(404, "no such schedule")
 _409 = error_response(409, "a tick of the schedule is running")
 
 
+def _local_paths(body: ScheduleCreate) -> list[LocalPath]:
+    """The local paths a schedule names (its Hub ids are not)."""
+    collection = body.collection
+    found = [LocalPath("base", body.base)] if Path(body.base).is_absolute() else []
+    if collection.directory is not None:
+        found.append(LocalPath("collection.directory", collection.directory))
+    found += [LocalPath(f"collection.sources.{i}", source)
+              for i, source in enumerate(collection.sources or []) if Path(source).is_absolute()]
+    if not body.destination.startswith("hub://"):
+        found.append(LocalPath("destination", body.destination))
+    return found
+
+
 class ScheduleService:
     def __init__(self, settings: Settings, schedules: ScheduleStore, ticker: Ticker) -> None:
         self.settings, self.schedules, self.ticker = settings, schedules, ticker
@@ -68,13 +81,7 @@ class ScheduleService:
         if body.destination.startswith("hub://") and hub is not None:
             problems += [Problem(p.message, field="destination")
                          for p in hub_destination_problems(body.destination, hub)]
-        local = [LocalPath(field, path) for field, path in (
-            ("base", body.base if Path(body.base).is_absolute() else None),
-            ("collection.directory", body.collection.directory),
-            *((f"collection.sources.{i}", source if Path(source).is_absolute() else None)
-              for i, source in enumerate(body.collection.sources or [])),
-            ("destination", None if body.destination.startswith("hub://") else body.destination),
-        ) if path is not None]
+        local = _local_paths(body)
         roots = self.settings.local_root_paths
         outside = outside_roots_problems(local, roots) if roots else []
         problems += outside

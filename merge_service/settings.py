@@ -66,6 +66,9 @@ class Settings(BaseSettings):
         rotated secret takes effect at the next job."""
         if secret is None:
             return self.hub
+        if not secret or secret.startswith(".") or "/" in secret or "\\" in secret:
+            raise PreflightError(Problem(f"{secret!r} is not a secret's name",
+                                         field="hf_token_secret"))
         path = self.secrets_dir / secret
         try:
             token = path.read_text(encoding="utf-8").strip()

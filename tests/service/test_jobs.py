@@ -24,6 +24,7 @@ import torch
 
 from api.client import ServiceClient, parse_sse
 from merge_service.engine import run_merge
+from merge_service.errors import PreflightError
 from merge_service.spec import JobSpec, spec_from_dict
 from tests.conftest import assert_nothing_written, leftovers, read_tensors
 from tests.service.conftest import (
@@ -556,3 +557,33 @@ def test_a_job_cancelled_before_a_worker_starts_it_runs_nothing(
     assert run_job(cancelled.id, worker="w1@test") == "already cancelled"
     assert store.get(cancelled.id).status == "cancelled"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_job_whose_hub_token_secret_is_gone_fails_naming_it(
+        redis_server: EmbeddedRedis, minilm_inputs: Inputs, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A schedule's job runs with its `hf_token_secret`, read when the job starts: removed
+    since the job was queued, the job fails naming the secret (never a token), and writes
+    nothing."""
+    from merge_service.settings import Settings
+    from workers.runner import run_job
+
+    url = redis_url(redis_server, 14)
+    store = JobStore.from_url(url)
+    store.r.flushdb()
+    monkeypatch.setenv("MERGE_SERVICE_REDIS_URL", url)
+    monkeypatch.setenv("MERGE_SERVICE_SECRETS_DIR", str(tmp_path / "secrets"))
+    spec = JobSpec.model_validate(spec_body(minilm_inputs, tmp_path / "out"))
+    job = store.create(spec, queue="nowhere", hub_secret="customer-hub")
+    assert store.internal(job.id)["hub_secret"] == "customer-hub"
+    assert "customer-hub" not in store.get(job.id).model_dump_json()  # kept out of the record
+
+    assert run_job(job.id, worker="w1@test") == "failed: PreflightError"
+    record = store.get(job.id)
+    assert record.status == "failed" and record.error is not None
+    assert "cannot read the Hub token secret 'customer-hub'" in record.error.message
+    assert not (tmp_path / "out").exists()
+
+    for name in ("../etc/passwd", ".hidden", ""):
+        with pytest.raises(PreflightError, match="is not a secret's name"):
+            Settings(secrets_dir=tmp_path).hub_for(name)
