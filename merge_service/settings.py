@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     secrets_dir: Path = Field(Path("/run/secrets"), description="where a schedule's "
                               "`hf_token_secret` NAME is read from: the file SECRETS_DIR/NAME")
     max_job_seconds: int = Field(6 * 3600, ge=60)
+    job_retention_days: float | None = Field(
+        None, gt=0, description="jobs that ended this many days ago are deleted (record, "
+        "events, report; not their outputs); unset: kept")
     worker_queues: str = Field("auto", description="auto, cpu, gpu or cpu,gpu")
     # the service (api/, workers/)
     max_request_bytes: int = Field(1 << 20, ge=1024, description="largest accepted API body")

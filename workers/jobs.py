@@ -514,6 +514,43 @@ class JobStore:
         record = outcome.get("record")
         return JobRecord.model_validate(record) if record else None
 
+    def delete_ended_before(self, cutoff: datetime, limit: int = 500) -> builtins.list[str]:
+        """Delete the jobs that ended before `cutoff` (record, events, report, index entries),
+        at most `limit` per call, oldest first; returns their ids. Only jobs created before the
+        cutoff can have ended before it, and ids sort by creation time, so each status index is
+        read from its start up to the cutoff's id."""
+        upper = f"({int(cutoff.timestamp() * 1000):012x}"
+        deleted: builtins.list[str] = []
+        for status in sorted(TERMINAL):
+            for job_id in self.r.zrangebylex(self._index(status=status), "-", upper,
+                                             start=0, num=limit - len(deleted)):
+                if self._delete_if_ended_before(job_id, cutoff):
+                    deleted.append(job_id)
+        return deleted
+
+    def _delete_if_ended_before(self, job_id: str, cutoff: datetime) -> bool:
+        key = self.job_key(job_id)
+        outcome: builtins.list[bool] = []
+
+        def delete(pipe: redis.client.Pipeline) -> None:
+            outcome.clear()
+            status, finished_at, name = pipe.hmget(key, "status", "finished_at", "name")
+            ended = json.loads(finished_at) if finished_at else None
+            if status is None or json.loads(status) not in TERMINAL or ended is None \
+                    or datetime.fromisoformat(ended) >= cutoff:
+                return
+            pipe.multi()
+            pipe.delete(key, self.events_key(job_id), self._report_key(job_id),
+                        self._cancel_key(job_id), self._lock_key(job_id))
+            pipe.zrem(self._index(), job_id)
+            pipe.zrem(self._index(status=json.loads(status)), job_id)
+            if name and json.loads(name) is not None:
+                pipe.zrem(self._index(name=json.loads(name)), job_id)
+            outcome.append(True)
+
+        self.r.transaction(delete, key)
+        return bool(outcome)
+
     def unsent_jobs(self, grace_s: float) -> builtins.list[tuple[str, str]]:
         """Queued, unlocked jobs whose task was last sent more than `grace_s` ago (doubling
         with each re-send, up to 64 x): their message may be lost (the API died before

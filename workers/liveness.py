@@ -1,5 +1,6 @@
 """In each worker's main process: a heartbeat (the worker record that routing and `/readyz`
-read) and a reaper that puts back in the queue the jobs whose worker died.
+read), a reaper that puts back in the queue the jobs whose worker died, and, with
+`MERGE_SERVICE_JOB_RETENTION_DAYS`, the deletion of jobs that ended longer ago.
 
 A job's lock expires three heartbeats after its worker stopped refreshing it; any live worker's
 reaper then moves the job from `validating`/`running`/`pushing` back to `queued` (one reaper
@@ -21,16 +22,18 @@ import os
 import socket
 import threading
 import time
+from datetime import timedelta
 from typing import Any
 
 from celery.signals import worker_ready, worker_shutdown
 
 from workers.celery_app import RUN_JOB, task_ids_in_broker
-from workers.jobs import JobError, timestamp
+from workers.jobs import JobError, now, timestamp
 from workers.runner import MAX_ATTEMPTS, context, fail
 
 log = logging.getLogger("merge_service.worker")
 RESEND_GRACE_BEATS = 6  # twice a job lock's lifetime: a minute at the default heartbeat
+EXPIRE_EVERY_S = 3600.0
 
 
 class Liveness(threading.Thread):
@@ -38,6 +41,7 @@ class Liveness(threading.Thread):
         super().__init__(name="merge-service-liveness", daemon=True)
         self.app, self.worker_name, self.queues = app, name, queues
         self.stopped = threading.Event()
+        self.expired_at = -float("inf")
         self.info = {"name": name, "hostname": socket.gethostname(), "pid": os.getpid(),
                      "queues": queues, "started_at": timestamp()}
 
@@ -50,6 +54,7 @@ class Liveness(threading.Thread):
                 self.beat(3 * interval)
                 self.reap()
                 self.resend(RESEND_GRACE_BEATS * interval)
+                self.expire(settings.job_retention_days)
             except Exception:
                 log.warning("heartbeat or reaper failed; trying again", exc_info=True)
             if self.stopped.wait(max(0.0, interval - (time.monotonic() - started))):
@@ -91,6 +96,17 @@ class Liveness(threading.Thread):
             log.warning("job %s: queued for over %.0f s and not started; sent again on %s",
                         job_id, grace_s, queue)
             self.send(job_id, queue)
+
+    def expire(self, retention_days: float | None) -> None:
+        """At most once an hour, with `JOB_RETENTION_DAYS` set: delete the jobs that ended
+        longer ago (any worker may; each deletion is a transaction)."""
+        if retention_days is None or time.monotonic() - self.expired_at < EXPIRE_EVERY_S:
+            return
+        self.expired_at = time.monotonic()
+        _, store = context()
+        cutoff = now() - timedelta(days=retention_days)
+        while deleted := store.delete_ended_before(cutoff):
+            log.info("deleted %d job(s) that ended before %s", len(deleted), cutoff.isoformat())
 
     def send(self, job_id: str, queue: str) -> None:
         try:

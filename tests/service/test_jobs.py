@@ -587,3 +587,55 @@ def test_a_job_whose_hub_token_secret_is_gone_fails_naming_it(
     for name in ("../etc/passwd", ".hidden", ""):
         with pytest.raises(PreflightError, match="is not a secret's name"):
             Settings(secrets_dir=tmp_path).hub_for(name)
+
+
+def test_jobs_that_ended_before_the_retention_cutoff_are_deleted(
+        redis_server: EmbeddedRedis, minilm_inputs: Inputs, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    import workers.liveness
+
+    url = redis_url(redis_server, 14)
+    store = JobStore.from_url(url)
+    store.r.flushdb()
+    spec = JobSpec.model_validate(spec_body(minilm_inputs, tmp_path / "out", name="kept-or-not"))
+
+    def ended(status: str, finished: datetime) -> str:
+        job = store.create(spec, queue="nowhere")
+        assert store.transition(job.id, status, {"queued"},
+                                finished_at=finished.isoformat()) is not None
+        return job.id
+
+    now = datetime.now(UTC)
+    old = ended("succeeded", now - timedelta(days=10))
+    assert store.set_report(old, {"x": 1}) is False  # ended: reports come before the end
+    store.r.set(f"{store.p}job:{old}:report", "{}")
+    late = ended("failed", now + timedelta(days=2))  # ends after the cutoff: kept
+    queued = store.create(spec, queue="nowhere").id  # not ended: kept
+
+    assert store.delete_ended_before(now + timedelta(days=1)) == [old]
+    assert store.get(old) is None and store.get_report(old) is None
+    assert store.r.exists(store.events_key(old)) == 0
+    listed = [j.id for j in store.list(limit=50)[0]]
+    assert listed == [queued, late]
+    assert [j.id for j in store.list(name="kept-or-not", limit=50)[0]] == [queued, late]
+    assert [j.id for j in store.list(status="failed", limit=50)[0]] == [late]
+    # a job created after the cutoff is not looked at, whatever its end
+    ended("cancelled", now - timedelta(days=10))
+    assert store.delete_ended_before(now - timedelta(days=1)) == []
+
+    # the worker's liveness thread does it with MERGE_SERVICE_JOB_RETENTION_DAYS, hourly
+    monkeypatch.setenv("MERGE_SERVICE_REDIS_URL", url)
+    liveness = workers.liveness.Liveness(None, "w1@test", ["cpu"])
+    a_second = 1 / 86400  # in days: the jobs below were created over a second before
+    first = ended("succeeded", now - timedelta(days=3))
+    time.sleep(1.1)
+    liveness.expire(None)  # unset: kept
+    assert store.get(first) is not None
+    liveness.expire(a_second)
+    assert store.get(first) is None
+    second = ended("succeeded", now - timedelta(days=3))
+    time.sleep(1.1)
+    liveness.expire(a_second)  # within the hour: not yet
+    assert store.get(second) is not None
