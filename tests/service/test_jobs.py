@@ -477,8 +477,21 @@ def test_job_cpu_priority_setting(priority: str, expected: tuple[int, int]) -> N
     assert (int(out[0]), int(out[1])) == expected
 
 
+@pytest.fixture
+def worker_side(redis_server: EmbeddedRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                ) -> JobStore:
+    """An empty database of its own, and this process's environment pointed at it, as a
+    worker's is: for calling worker code (`run_job`, the task's handlers) in-process."""
+    url = redis_url(redis_server, 14)
+    store = JobStore.from_url(url)
+    store.r.flushdb()
+    monkeypatch.setenv("MERGE_SERVICE_REDIS_URL", url)
+    monkeypatch.setenv("MERGE_SERVICE_DATA_DIR", str(tmp_path / "data"))
+    return store
+
+
 def test_the_hard_time_limit_fails_only_the_killed_child_s_own_attempt(
-        redis_server: EmbeddedRedis, minilm_inputs: Inputs, tmp_path: Path,
+        worker_side: JobStore, minilm_inputs: Inputs, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """What the worker's main process does when billiard kills a child at the hard time limit
     (`JobRequest.on_timeout` notes the child, `JobTask.on_failure` runs): the job fails if the
@@ -489,10 +502,7 @@ def test_the_hard_time_limit_fails_only_the_killed_child_s_own_attempt(
     import workers.liveness
     import workers.tasks
 
-    url = redis_url(redis_server, 14)
-    store = JobStore.from_url(url)
-    store.r.flushdb()
-    monkeypatch.setenv("MERGE_SERVICE_REDIS_URL", url)
+    store = worker_side
     monkeypatch.setenv("MERGE_SERVICE_MAX_JOB_SECONDS", "90")
     monkeypatch.setattr(workers.liveness, "worker_name", lambda: "w1@test")
     spec = JobSpec.model_validate(spec_body(minilm_inputs, tmp_path / "out"))
@@ -530,18 +540,13 @@ def test_the_hard_time_limit_fails_only_the_killed_child_s_own_attempt(
 
 
 def test_a_job_cancelled_before_a_worker_starts_it_runs_nothing(
-        redis_server: EmbeddedRedis, minilm_inputs: Inputs, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        worker_side: JobStore, minilm_inputs: Inputs, tmp_path: Path) -> None:
     """`run_job` as a worker child calls it, on jobs the API was cancelling when the message
     arrived: the flag is set and the job still queued (between the API's two steps), or the
     job already cancelled. Neither starts, and the lock is let go."""
     from workers.runner import run_job
 
-    url = redis_url(redis_server, 14)
-    store = JobStore.from_url(url)
-    store.r.flushdb()
-    monkeypatch.setenv("MERGE_SERVICE_REDIS_URL", url)
-    monkeypatch.setenv("MERGE_SERVICE_DATA_DIR", str(tmp_path / "data"))
+    store = worker_side
     spec = JobSpec.model_validate(spec_body(minilm_inputs, tmp_path / "out"))
 
     flagged = store.create(spec, queue="nowhere")
@@ -560,7 +565,7 @@ def test_a_job_cancelled_before_a_worker_starts_it_runs_nothing(
 
 
 def test_a_job_whose_hub_token_secret_is_gone_fails_naming_it(
-        redis_server: EmbeddedRedis, minilm_inputs: Inputs, tmp_path: Path,
+        worker_side: JobStore, minilm_inputs: Inputs, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A schedule's job runs with its `hf_token_secret`, read when the job starts: removed
     since the job was queued, the job fails naming the secret (never a token), and writes
@@ -568,10 +573,7 @@ def test_a_job_whose_hub_token_secret_is_gone_fails_naming_it(
     from merge_service.settings import Settings
     from workers.runner import run_job
 
-    url = redis_url(redis_server, 14)
-    store = JobStore.from_url(url)
-    store.r.flushdb()
-    monkeypatch.setenv("MERGE_SERVICE_REDIS_URL", url)
+    store = worker_side
     monkeypatch.setenv("MERGE_SERVICE_SECRETS_DIR", str(tmp_path / "secrets"))
     spec = JobSpec.model_validate(spec_body(minilm_inputs, tmp_path / "out"))
     job = store.create(spec, queue="nowhere", hub_secret="customer-hub")
@@ -590,15 +592,12 @@ def test_a_job_whose_hub_token_secret_is_gone_fails_naming_it(
 
 
 def test_jobs_that_ended_before_the_retention_cutoff_are_deleted(
-        redis_server: EmbeddedRedis, minilm_inputs: Inputs, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        worker_side: JobStore, minilm_inputs: Inputs, tmp_path: Path) -> None:
     from datetime import UTC, datetime, timedelta
 
     import workers.liveness
 
-    url = redis_url(redis_server, 14)
-    store = JobStore.from_url(url)
-    store.r.flushdb()
+    store = worker_side
     spec = JobSpec.model_validate(spec_body(minilm_inputs, tmp_path / "out", name="kept-or-not"))
 
     def ended(status: str, finished: datetime) -> str:
@@ -626,7 +625,6 @@ def test_jobs_that_ended_before_the_retention_cutoff_are_deleted(
     assert store.delete_ended_before(now - timedelta(days=1)) == []
 
     # the worker's liveness thread does it with MERGE_SERVICE_JOB_RETENTION_DAYS, hourly
-    monkeypatch.setenv("MERGE_SERVICE_REDIS_URL", url)
     liveness = workers.liveness.Liveness(None, "w1@test", ["cpu"])
     a_second = 1 / 86400  # in days: the jobs below were created over a second before
     first = ended("succeeded", now - timedelta(days=3))
