@@ -34,12 +34,12 @@ from merge_service.preflight import (
     effective_space,
     full_checkpoint_problems,
     input_kind_problems,
-    local_destination,
     lora_adapter_problems,
     output_problems,
     overwrite_problems,
     quantized_problems,
     resolve_device,
+    resolved_path,
     selection_problems,
     space_problems,
     weight_problems,
@@ -154,7 +154,7 @@ def prepare(spec: JobSpec, *, overwrite: bool = False, hub: HubOptions | None = 
         problems += hub_destination_problems(destination, hub)
         push = HubPush.plan(destination, spec.output.private, spec.output.create_pr, hub)
     elif destination:
-        local, local_problems = local_destination(destination)
+        local, local_problems = resolved_path(destination, "output.destination")
         problems += local_problems
         if local is not None:
             problems += destination_problems(local, overwrite)

@@ -187,13 +187,14 @@ def quantized_problems(tensors: dict[str, TensorInfo], label: str) -> list[Probl
                     model=label, tensor=found[0])]
 
 
-def local_destination(destination: str) -> tuple[Path | None, list[Problem]]:
-    """The absolute directory a local destination names (`~` expanded)."""
+def resolved_path(given: str, field: str, model: str | None = None
+                  ) -> tuple[Path | None, list[Problem]]:
+    """The absolute path a spec's local path names (`~` expanded, links followed)."""
     try:
-        return Path(destination).expanduser().resolve(), []
+        return Path(given).expanduser().resolve(), []
     except (RuntimeError, OSError) as exc:  # `~nosuchuser`, a loop of links
-        return None, [Problem(f"cannot use the destination {destination!r}: {exc}",
-                              field="output.destination")]
+        return None, [Problem(f"cannot use the path {given!r}: {exc}", model=model,
+                              field=field)]
 
 
 class LocalPath(NamedTuple):
@@ -228,13 +229,9 @@ def outside_roots_problems(paths: list[LocalPath], roots: list[Path]) -> list[Pr
     problems = []
     allowed = ", ".join(str(root) for root in roots)
     for field, given, model in paths:
-        try:
-            path = Path(given).expanduser().resolve()
-        except (RuntimeError, OSError) as exc:  # `~nosuchuser`, a loop of links
-            problems.append(Problem(f"cannot use the path {given!r}: {exc}", model=model,
-                                    field=field))
-            continue
-        if not under_roots(path, roots):
+        path, unusable = resolved_path(given, field, model)
+        problems += unusable
+        if path is not None and not under_roots(path, roots):
             problems.append(Problem(f"{given} is outside the directories this service may "
                                     f"use (MERGE_SERVICE_LOCAL_ROOTS: {allowed})", model=model,
                                     field=field))

@@ -24,7 +24,7 @@ from merge_service.sinks.model_card import hub_model_id, render_model_card
 from merge_service.sinks.report import write_json
 from merge_service.sinks.safetensors_writer import ShardedSafetensorsWriter
 from merge_service.sources.checkpoint import Checkpoint
-from merge_service.sources.resolve import HubOptions, looks_local, resolve_source
+from merge_service.sources.resolve import HubOptions, ResolvedSource, resolve_source
 from merge_service.spec import JobSpec, load_spec
 
 
@@ -63,7 +63,7 @@ def revert(artifact_dir: Path, task: str, out: Path, *, overwrite: bool = False,
                          for name in sorted(parts) if name not in base.tensors]
         if problems or base is None or base_source is None:
             raise InvalidInputError(problems)
-        return _write(artifact, base, base_source.path, spec, task, parts, out, overwrite,
+        return _write(artifact, base, base_source, spec, task, parts, out, overwrite,
                       report, shard_bytes, started)
     finally:
         artifact.close()
@@ -71,8 +71,8 @@ def revert(artifact_dir: Path, task: str, out: Path, *, overwrite: bool = False,
             base.close()
 
 
-def _write(artifact: Artifact, base: Checkpoint, base_path: Path, spec: JobSpec, task: str,
-           parts: dict[str, dict[str, str]], out: Path, overwrite: bool,
+def _write(artifact: Artifact, base: Checkpoint, base_source: ResolvedSource, spec: JobSpec,
+           task: str, parts: dict[str, dict[str, str]], out: Path, overwrite: bool,
            report: ProgressCallback, shard_bytes: int, started: float) -> MergeResult:
     # exact sums in the artifact's precision, never below float32
     work = torch.float64 if torch.float64 in (artifact.floating_dtype(),
@@ -95,7 +95,7 @@ def _write(artifact: Artifact, base: Checkpoint, base_path: Path, spec: JobSpec,
                 value = value.to(work).add_(delta).to(out_dtype)
             writer.add(name, value)
         report(Progress("reverting", len(names), len(names), None))
-        files = writer.finish() + copy_model_files(base_path, tmp)
+        files = writer.finish() + copy_model_files(base_source.path, tmp)
         result_report = {"reverted_task": task, "artifact": str(artifact.directory),
                          "format": artifact.fmt, "method": artifact.method.name,
                          "tensors_rebuilt": len(parts),
@@ -103,8 +103,7 @@ def _write(artifact: Artifact, base: Checkpoint, base_path: Path, spec: JobSpec,
         write_json(tmp / "merge_report.json", result_report)
         (tmp / "README.md").write_text(render_model_card(
             title=f"{task} recovered from a {artifact.fmt} artifact",
-            base_model=hub_model_id(spec.base.partition("@")[0] if not looks_local(spec.base)
-                                    else None, base_path),
+            base_model=hub_model_id(base_source.repo_id, base_source.path),
             base=spec.base, relation="finetune", library="transformers",
             method=artifact.method.name, params={"task": task},
             inputs=[{"name": m.name or task, "source": m.source, "weight": m.weight}

@@ -162,7 +162,7 @@ def test_fp8_checkpoints_are_refused(synthetic: Synthetic, tmp_path: Path) -> No
 
 def test_a_destination_whose_home_cannot_be_found_is_a_problem(synthetic: Synthetic) -> None:
     messages = preflight_messages(synthetic, "~no-such-user-4d1f/out", overwrite=False)
-    assert any("cannot use the destination '~no-such-user-4d1f/out'" in m for m in messages)
+    assert any("cannot use the path '~no-such-user-4d1f/out'" in m for m in messages)
 
 
 # --------------------------------------------------------------------------------------------

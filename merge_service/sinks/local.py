@@ -13,6 +13,7 @@ import socket
 import tempfile
 import time
 import uuid
+from functools import cache
 from pathlib import Path
 
 from merge_service.errors import Problem
@@ -65,6 +66,7 @@ def destination_problems(destination: Path, overwrite: bool) -> list[Problem]:
     return []
 
 
+@cache
 def _host_tag() -> str:
     """Where a pid means the same process: this host, pid namespace (containers sharing a
     volume, even with one hostname) and boot (pids start over after a reboot)."""

@@ -422,6 +422,7 @@ def test_local_roots_confine_a_schedule_s_paths(redis_server: EmbeddedRedis,
         shutil.copytree(minilm_adapters[name], allowed / "adapters" / name)
     # an adapter of the collection that is a link to a directory outside the roots
     (allowed / "adapters" / "linked").symlink_to(minilm_adapters["rslora"])
+    (allowed / "adapters" / "tmp").symlink_to(tmp_path)  # no adapter, and not looked into
     app = create_app(service_settings(url, tmp_path / "data", api_keys=API_KEYS,
                                       local_roots=f"{allowed},{minilm_dir}"))
     headers = {"Authorization": f"Bearer {KEYS['submit']}"}
@@ -436,9 +437,11 @@ def test_local_roots_confine_a_schedule_s_paths(redis_server: EmbeddedRedis,
         run = client.post(f"/v1/schedules/{created.json()['id']}/run", headers=headers).json()
         assert run["status"] == "submitted", [o["problems"] for o in run["left_out"]]
         assert sorted(run["merged"]) == ["pattern", "qv"] and run["left_out"] == []
-        [linked] = run["ignored"]  # not read, not copied: the link leads out of the roots
-        assert linked["origin"] == str(minilm_adapters["rslora"].resolve())
-        assert "outside the directories" in linked["reason"]
+        # not read, not copied: the links lead out of the roots
+        ignored = {i["origin"]: i["reason"] for i in run["ignored"]}
+        assert set(ignored) == {str(minilm_adapters["rslora"].resolve()),
+                                str(tmp_path.resolve())}
+        assert all("outside the directories" in reason for reason in ignored.values())
         job = client.get(f"/v1/jobs/{run['job_id']}", headers=headers).json()
         # the job reads the schedule's own copies of the adapters, under DATA_DIR
         assert all(m["source"].startswith(str((tmp_path / "data").resolve()))

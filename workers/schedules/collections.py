@@ -191,7 +191,7 @@ def _directory(directory: Path, snapshots: Path, roots: list[Path]) -> ResolvedC
                               f"{exc.strerror or exc}") from None
     found = ResolvedCollection()
     for entry in entries:
-        if entry.name.startswith("."):
+        if entry.name.startswith(".") or _outside(entry, roots, found):
             continue
         if not entry.is_dir() or not is_adapter_dir(entry):
             found.ignored.append(LeftOut(origin=str(entry),
@@ -202,13 +202,23 @@ def _directory(directory: Path, snapshots: Path, roots: list[Path]) -> ResolvedC
     return found
 
 
+def _outside(path: Path, roots: list[Path], found: ResolvedCollection) -> bool:
+    """A local adapter outside `roots` (links followed) is listed as ignored, and not read."""
+    if not roots:
+        return False
+    resolved = path.expanduser().resolve()
+    if under_roots(resolved, roots):
+        return False
+    found.ignored.append(LeftOut(origin=str(resolved), reason="outside the directories this "
+                                 "service may use (MERGE_SERVICE_LOCAL_ROOTS)"))
+    return True
+
+
 def _pin_local(path: Path, snapshots: Path, found: ResolvedCollection, roots: list[Path]
                ) -> None:
-    path = path.expanduser().resolve()
-    if roots and not under_roots(path, roots):
-        found.ignored.append(LeftOut(origin=str(path), reason="outside the directories this "
-                                     "service may use (MERGE_SERVICE_LOCAL_ROOTS)"))
+    if _outside(path, roots, found):
         return
+    path = path.expanduser().resolve()
     name = path.name
     try:
         if not path.is_dir():

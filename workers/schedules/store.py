@@ -320,10 +320,11 @@ class ScheduleStore:
         raw = self.r.lrange(self._key(schedule_id, "runs"), 0, limit - 1)
         runs = [ScheduleRun.model_validate_json(r) for r in raw]
         pipe = self.r.pipeline(transaction=False)
-        with_jobs = [run for run in runs if run.job_id]
-        for run in with_jobs:
-            pipe.hget(self.jobs.job_key(run.job_id or ""), "status")
-        for run, status in zip(with_jobs, pipe.execute() if with_jobs else [], strict=True):
+        with_jobs = [(run, run.job_id) for run in runs if run.job_id]
+        for _, job_id in with_jobs:
+            pipe.hget(self.jobs.job_key(job_id), "status")
+        for (run, _), status in zip(with_jobs, pipe.execute() if with_jobs else [],
+                                    strict=True):
             run.job_status = json.loads(status) if status else None
         return runs
 
