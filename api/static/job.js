@@ -184,8 +184,14 @@
   $("cancel").addEventListener("click", async () => {
     if (!window.confirm(`Cancel job ${job.name || id}? Running work stops at the next tensor.`)) return;
     try {
-      job = await api(`/v1/jobs/${id}/cancel`, { method: "POST" });
-      render();
+      const answer = await api(`/v1/jobs/${id}/cancel`, { method: "POST" });
+      // the stream brings every change in order; the answer was read when the cancel came in
+      // and may be older than events already shown (a progress step): it only ends a job the
+      // events have not ended yet (a queued job is cancelled at once)
+      if (MS.TERMINAL.has(answer.status) && !MS.TERMINAL.has(job.status)) {
+        job = answer;
+        render();
+      }
     } catch (e) {
       MS.notice(`Cannot cancel: ${MS.errorText(e)}`);
     }
