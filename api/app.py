@@ -88,6 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RedisError, _redis_error)
+    app.add_exception_handler(Exception, _internal_error)
     app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     if not app.state.api_keys:
@@ -104,6 +105,13 @@ def app_from_env() -> FastAPI:
 async def _api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """A bug: a 500 in the error shape, without the exception's text (Starlette re-raises it
+    after this answer, so the traceback goes to the server's log)."""
+    return await _api_error(request, ApiError(
+        "internal error; the server's log has the details"))
 
 
 async def _redis_error(request: Request, exc: Exception) -> JSONResponse:
@@ -143,7 +151,7 @@ def _problem(error: dict[str, Any]) -> Problem:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
-    names = {404: "NotFound", 405: "MethodNotAllowed"}
+    names = {400: "BadRequest", 404: "NotFound", 405: "MethodNotAllowed"}
     body = ErrorResponse(error=ErrorBody(type=names.get(exc.status_code, "HTTPError"),
                                          message=str(exc.detail)))
     return JSONResponse(body.model_dump(), status_code=exc.status_code,

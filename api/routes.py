@@ -3,10 +3,14 @@ the caller's role, calls one `JobService` method and returns a model."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
+from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
 
 from api.auth import Principal, optional_principal, require
 from api.errors import (
@@ -20,7 +24,8 @@ from api.metrics import CONTENT_TYPE
 from api.models import Health, JobList, MethodInfo, Readiness
 from api.service import JobService
 from api.sse import all_events, check_event_id, job_events, latest_event_id
-from merge_service.spec import JobSpec, duplicate_key_problem
+from merge_service.errors import SpecError
+from merge_service.spec import JobSpec, duplicate_key_problem, spec_from_dict
 from workers.jobs import JOB_ID, JobRecord, JobStatus
 
 router = APIRouter(responses=ERROR_RESPONSES)
@@ -52,7 +57,35 @@ async def unique_keys(request: Request) -> None:
         raise Invalid("the body has 1 problem(s)", [problem])
 
 
-@router.post("/v1/jobs", status_code=202, response_model=JobRecord, tags=["jobs"],
+class _SpecRoute(APIRoute):
+    """`POST /v1/jobs`: a 422 for a spec with unknown fields also lists what preflight finds in
+    the rest of it (FastAPI's validation of the body stops at the schema)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def every_problem(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                if not isinstance(exc.body, dict) or \
+                        any(error["loc"][:1] != ("body",) for error in exc.errors()):
+                    raise
+                try:
+                    spec_from_dict(exc.body)
+                except SpecError as error:
+                    problems = await run_in_threadpool(service(request).every_problem, error)
+                    raise Invalid(f"the request has {len(problems)} problem(s)", problems,
+                                  type="SpecError") from None
+                raise
+
+        return every_problem
+
+
+_submit = APIRouter(route_class=_SpecRoute, responses=ERROR_RESPONSES)
+
+
+@_submit.post("/v1/jobs", status_code=202, response_model=JobRecord, tags=["jobs"],
              responses={**_422, **_409}, summary="Submit a job spec",
              dependencies=[Depends(unique_keys)])
 def create_job(request: Request, response: Response,
@@ -66,6 +99,9 @@ def create_job(request: Request, response: Response,
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/v1/jobs/{record.id}"
     return record
+
+
+router.include_router(_submit)
 
 
 @router.get("/v1/jobs", response_model=JobList, tags=["jobs"], summary="List jobs, newest first")

@@ -26,7 +26,7 @@ from api.errors import (
 from api.routes import unique_keys
 from merge_service.errors import PreflightError, Problem
 from merge_service.methods import build_method
-from merge_service.preflight import LocalPath, outside_roots_problems
+from merge_service.preflight import LocalPath, outside_roots_problems, target_rank_problems
 from merge_service.settings import Settings
 from merge_service.sinks.hub import hub_destination_problems
 from workers.schedules.models import RunList, Schedule, ScheduleCreate, ScheduleList, ScheduleRun
@@ -69,8 +69,9 @@ class ScheduleService:
         """What can be known before the first run: the method and its parameters, the
         destination, local paths."""
         params = dict(body.template.method.params)
-        params.pop("target_rank", None)
+        target_rank = params.pop("target_rank", None)  # of the `lora` output
         _, problems = build_method(body.template.method.name, params)
+        problems += target_rank_problems(target_rank)
         problems = [Problem(p.message, field=f"template.{p.field}" if p.field else "template")
                     for p in problems]
         try:

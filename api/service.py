@@ -21,7 +21,7 @@ from api.auth import Principal
 from api.errors import Conflict, Forbidden, Invalid, NotFound, Unavailable
 from api.metrics import ApiMetrics
 from merge_service.engine import prepare
-from merge_service.errors import InvalidInputError
+from merge_service.errors import InvalidInputError, Problem, SpecError
 from merge_service.methods import catalog
 from merge_service.preflight import local_paths, outside_roots_problems
 from merge_service.settings import Settings
@@ -140,6 +140,18 @@ class JobService:
                                                              "output": output})
         finally:
             prepared.close()
+
+    def every_problem(self, error: SpecError) -> list[Problem]:
+        """The problems of a spec that does not match the schema, and, when it is valid less
+        its unknown fields, what preflight finds in the rest (a typo must not hide the
+        other problems until it is fixed)."""
+        if error.partial is None:
+            return error.problems
+        try:
+            self.preflight(error.partial)
+        except Invalid as exc:
+            return error.with_problems_of_partial(exc.problems).problems
+        return error.problems
 
     def queue_for(self, device: str) -> str:
         """cuda* -> gpu; cpu -> cpu; auto -> gpu if a live worker consumes it, else cpu."""

@@ -67,7 +67,8 @@ def validate_text(service: Any, text: str, json_only: bool) -> Validation:
     try:
         spec = parse_spec_text(text, json_only=json_only)
     except SpecError as exc:
-        return Validation(valid=False, problems=[lines.locate(p) for p in exc.problems])
+        return Validation(valid=False, problems=[lines.locate(p, exc.partial)
+                                                 for p in service.every_problem(exc)])
     as_json = spec.model_dump(mode="json", exclude_unset=True)
     try:
         resolved = service.preflight(spec)
@@ -82,14 +83,20 @@ class _LineIndex:
 
     def __init__(self, text: str) -> None:
         self.lines: dict[str, int] = {}
+        self._seen: set[int] = set()
         try:
             root = yaml.compose(text)
-        except yaml.YAMLError:
-            root = None
-        if root is not None:
-            self._walk(root, "")
+            if root is not None:
+                self._walk(root, "")
+        except (yaml.YAMLError, RecursionError):  # the parser reports these; no lines
+            self.lines.clear()
 
     def _walk(self, node: yaml.Node, path: str) -> None:
+        # a node an alias repeats is written once: walked once (its first path), so that a
+        # short text of nested aliases costs what its text does, not what it expands to
+        if id(node) in self._seen:
+            return
+        self._seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 child = f"{path}.{key.value}" if path else str(key.value)

@@ -14,7 +14,7 @@ import threading
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from pydantic import ValidationError
 
@@ -22,6 +22,7 @@ from merge_service.errors import InvalidInputError, MergeCancelled, MergeService
 
 if TYPE_CHECKING:
     from merge_service.engine import Progress
+    from merge_service.spec import JobSpec
 
 EXIT_OK, EXIT_INVALID, EXIT_FAILED = 0, 1, 2
 
@@ -65,21 +66,38 @@ def _human_bytes(n: int) -> str:
     return f"{size:.1f} TB"
 
 
-def _load(path: str, out: str | None):
+def _load(args: argparse.Namespace) -> JobSpec:
+    """The spec of `merge`/`validate` with `--out` applied. A spec with unknown fields is an
+    error that also lists what preflight finds in the rest of it (every problem at once)."""
+    from merge_service.engine import prepare
+    from merge_service.errors import SpecError
+    from merge_service.settings import Settings
     from merge_service.spec import load_spec
 
-    spec = load_spec(path)
-    if out is not None:
-        spec = spec.model_copy(update={"output": spec.output.model_copy(
-            update={"destination": out})})
-    return spec
+    def with_out(spec: JobSpec) -> JobSpec:
+        if args.out is None:
+            return spec
+        return spec.model_copy(update={"output": spec.output.model_copy(
+            update={"destination": args.out})})
+
+    try:
+        return with_out(load_spec(args.spec))
+    except SpecError as exc:
+        if exc.partial is None:
+            raise
+        try:
+            prepare(with_out(exc.partial), overwrite=args.overwrite, hub=Settings().hub,
+                    weights=False).close()
+        except InvalidInputError as rest:
+            raise exc.with_problems_of_partial(rest.problems) from None
+        raise
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from merge_service.engine import run_merge
     from merge_service.settings import Settings
 
-    spec = _load(args.spec, args.out)
+    spec = _load(args)
     callback, close = _progress_bar(args.quiet)
     try:
         result = run_merge(spec, overwrite=args.overwrite, hub=Settings().hub, progress=callback)
@@ -102,7 +120,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from merge_service.engine import prepare
     from merge_service.settings import Settings
 
-    spec = _load(args.spec, args.out)
+    spec = _load(args)
     # preflight only: Hub weights are read as far as their headers
     prepared = prepare(spec, overwrite=args.overwrite, hub=Settings().hub, weights=False)
     try:
@@ -146,8 +164,17 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is invalid input: exit code 1 (argparse's own is 2, our runtime
+    failure). Subcommand parsers are made of the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_INVALID, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="merge-service",
         description="Merge fine-tuned models and LoRA adapters of one base model, or run the "
                     "merge service (REST API, workers, scheduler).",

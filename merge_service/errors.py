@@ -7,6 +7,10 @@ derived from `MergeServiceError` is a runtime failure (exit code 2).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from merge_service.spec import JobSpec
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,21 @@ class InvalidInputError(MergeServiceError):
 
 
 class SpecError(InvalidInputError):
-    """The job spec does not parse or does not match the schema."""
+    """The job spec does not parse or does not match the schema.
+
+    `partial`: the spec less its unknown fields, when that much is a valid spec, so that
+    preflight can still report the problems of the rest (every problem at once, not one typo
+    at a time)."""
+
+    def __init__(self, problems: list[Problem] | Problem | str,
+                 partial: JobSpec | None = None) -> None:
+        super().__init__(problems)
+        self.partial = partial
+
+    def with_problems_of_partial(self, preflight_problems: list[Problem]) -> SpecError:
+        """This error with what preflight found in `partial` added (duplicates left out)."""
+        extra = [p for p in preflight_problems if p not in self.problems]
+        return SpecError(self.problems + extra) if extra else self
 
 
 class PreflightError(InvalidInputError):

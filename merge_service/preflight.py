@@ -5,7 +5,6 @@ Each check returns problems instead of raising, so that the user sees all of the
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import NamedTuple
@@ -74,11 +73,19 @@ def space_problems(spec: JobSpec, method: MergeMethod | None, space: str, is_lor
             problems.append(Problem("target_rank truncates the 'lora' output; the output "
                                     f"format is {spec.output.format!r}",
                                     field="method.params.target_rank"))
-        elif isinstance(target_rank, bool) or not isinstance(target_rank, int) \
-                or target_rank < 1:
-            problems.append(Problem(f"target_rank must be a positive integer, got "
-                                    f"{target_rank!r}", field="method.params.target_rank"))
+        else:
+            problems += target_rank_problems(target_rank)
     return problems
+
+
+def target_rank_problems(target_rank: object) -> list[Problem]:
+    """`target_rank`, a parameter of the `lora` output (not of the method), is absent or a
+    positive integer."""
+    if target_rank is None or (isinstance(target_rank, int) and not isinstance(target_rank, bool)
+                               and target_rank >= 1):
+        return []
+    return [Problem(f"target_rank must be a positive integer, got {target_rank!r}",
+                    field="method.params.target_rank")]
 
 
 def full_checkpoint_problems(base: Checkpoint, task: TaskInput) -> list[Problem]:
@@ -139,14 +146,13 @@ def lora_adapter_problems(base: Checkpoint, base_identity: set[str], task: TaskI
 
 
 def weight_problems(spec: JobSpec, method: MergeMethod | None) -> list[Problem]:
-    problems = [Problem(f"weight must be a finite number, got {m.weight}",
-                        field=f"models.{i}.weight")
-                for i, m in enumerate(spec.models) if not math.isfinite(m.weight)]
-    if method is not None and method.name in {"average", "cart"} and not problems \
+    """Weights are finite (the schema refuses NaN and Infinity); their sum must not be 0 where
+    a method divides by it."""
+    if method is not None and method.name in {"average", "cart"} \
             and sum(m.weight for m in spec.models) == 0:
-        problems.append(Problem(f"{method.name} divides by the sum of the weights, which is 0",
-                                field="models"))
-    return problems
+        return [Problem(f"{method.name} divides by the sum of the weights, which is 0",
+                        field="models")]
+    return []
 
 
 def output_problems(spec: JobSpec, method: MergeMethod | None, is_lora: bool) -> list[Problem]:

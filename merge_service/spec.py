@@ -43,7 +43,8 @@ def parse_size(value: str | int) -> int:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and Infinity are no numbers a spec can mean (and JSON would store them as null)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelEntry(_Strict):
@@ -159,13 +160,42 @@ def derive_task_name(source: str) -> str:
 
 
 def spec_from_dict(data: Any) -> JobSpec:
-    """Validate a parsed document; every schema problem is reported at once."""
+    """Validate a parsed document; every schema problem is reported at once. The error holds
+    the spec less its unknown fields when that much is valid (`SpecError.partial`), and the
+    problems an unknown field hid (pydantic stops at the first broken level: a mistyped key
+    in the only model entry hides "a merge needs at least 2 models")."""
     if not isinstance(data, dict):
         raise SpecError(Problem("the spec must be a mapping (YAML or JSON object)"))
     try:
         return JobSpec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError([_problem_from_pydantic(err) for err in exc.errors()]) from None
+        errors = exc.errors()
+    problems = [_problem_from_pydantic(err) for err in errors]
+    unknown = [tuple(err["loc"]) for err in errors if err["type"] == "extra_forbidden"]
+    partial = None
+    if unknown:
+        try:
+            partial = JobSpec.model_validate(_without_fields(data, unknown))
+        except ValidationError as rest:
+            problems += [p for p in map(_problem_from_pydantic, rest.errors())
+                         if p not in problems]
+    raise SpecError(problems, partial)
+
+
+def _without_fields(data: Any, locations: list[tuple[Any, ...]]) -> Any:
+    """`data` less the fields at `locations` (paths of keys and list indexes); what holds
+    none of them is shared, not copied."""
+    if not locations:
+        return data
+    nested: dict[Any, list[tuple[Any, ...]]] = {}
+    for first, *rest in locations:
+        nested.setdefault(first, []).append(tuple(rest))
+    if isinstance(data, dict):
+        return {key: _without_fields(value, nested.get(key, [])) for key, value in data.items()
+                if () not in nested.get(key, [])}
+    if isinstance(data, list):
+        return [_without_fields(item, nested.get(i, [])) for i, item in enumerate(data)]
+    return data
 
 
 def load_spec(path: str | Path) -> JobSpec:
@@ -192,6 +222,8 @@ def parse_spec_text(text: str, json_only: bool = False) -> JobSpec:
         raise SpecError(Problem(f"the spec is not valid JSON: {exc}")) from None
     except yaml.YAMLError as exc:
         raise SpecError(Problem(f"the spec is not valid YAML: {_yaml_error(exc)}")) from None
+    except RecursionError:  # the parsers recurse once per level
+        raise SpecError(Problem("the spec is nested too deeply")) from None
     return spec_from_dict(data)
 
 
@@ -206,7 +238,7 @@ def duplicate_key_problem(text: str | bytes) -> Problem | None:
         json.loads(text, object_pairs_hook=_unique_keys)
     except _DuplicateKey as exc:
         return Problem(str(exc))
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return None
 
@@ -220,7 +252,16 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return seen
 
 
+# More values than any real spec holds: YAML aliases can make a short text expand to billions
+# ("billion laughs"), which every later step (validation, storing, the line index) would walk.
+MAX_SPEC_VALUES = 100_000
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_expansion(node)
+        return super().construct_document(node)
+
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen = set()
         for key_node, _ in node.value:
@@ -233,6 +274,36 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a document that expands (aliases followed) to more than MAX_SPEC_VALUES nodes,
+    or that holds itself through an alias. Each node is sized once: linear in the text."""
+    sizes: dict[int, int] = {}
+    walking: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in walking:
+            raise yaml.constructor.ConstructorError(
+                None, None, "a YAML alias refers to a value that contains it", node.start_mark)
+        walking.add(key)
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total += sum(size(item) for item in node.value)
+        walking.discard(key)
+        if total > MAX_SPEC_VALUES:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the spec expands to more than {MAX_SPEC_VALUES} values "
+                "(YAML aliases)", node.start_mark)
+        sizes[key] = total
+        return total
+
+    size(root)
 
 
 def _yaml_error(exc: yaml.YAMLError) -> str:

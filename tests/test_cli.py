@@ -145,6 +145,10 @@ def _compressed_with_ta(syn: Synthetic, tmp: Path) -> dict:
     return job(syn.base, syn.tasks, tmp / "out", output={"format": "compressed"})
 
 
+def _nan_param(syn: Synthetic, tmp: Path) -> dict:
+    return job(syn.base, syn.tasks, tmp / "out", params={"alpha": float("nan")})
+
+
 def _unknown_field(syn: Synthetic, tmp: Path) -> dict:
     return {**job(syn.base, syn.tasks, tmp / "out"), "optoins": {"seed": 1}}
 
@@ -173,6 +177,7 @@ BAD_INPUTS: dict[str, tuple[Case, list[str]]] = {
                                          "task_arithmetic"]),
     "unknown parameter": (_unknown_param, ["method.params.densty", "unknown parameter"]),
     "bad parameter value": (_bad_param_value, ["method.params.density", "ties"]),
+    "NaN parameter": (_nan_param, ["method.params.alpha", "finite number"]),
     "format lora for full checkpoints": (_lora_format_for_full, [
         "output.format", "'lora' needs LoRA adapters"]),
     "compressed with task_arithmetic": (_compressed_with_ta, [
@@ -312,6 +317,33 @@ def test_validate_lists_every_problem_at_once(synthetic: Synthetic, tmp_path: Pa
                      "options.exclude: regex 'nothing_named' matches no tensor"):
         assert fragment in err, fragment
     assert out == ""
+
+
+def test_a_typo_in_the_spec_does_not_hide_the_other_problems(
+        synthetic: Synthetic, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = job(synthetic.base, [synthetic.tasks[0], tmp_path / "absent"], tmp_path / "out",
+               method="ties", params={"alpah": 0.3})
+    spec["models"][0]["wieght"] = 2
+    code, out, err = run(capsys, "validate", write_spec(tmp_path, **spec))
+    assert code == 1
+    assert err.startswith("error: 3 problems:") and out == ""
+    for fragment in ("models.0.wieght: unknown field", "method.params.alpah: unknown parameter",
+                     "absent", "does not exist"):
+        assert fragment in err, fragment
+    code, _, merge_err = run(capsys, "merge", write_spec(tmp_path, **spec))
+    assert (code, merge_err) == (1, err)
+    assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("args", [[], ["bogus"], ["merge"], ["revert", "art", "--task", "a"],
+                                  ["methods", "--colour"]])
+def test_usage_errors_are_invalid_input(args: list[str],
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("usage: merge-service") and "error: " in err
 
 
 def test_validate_ok(synthetic: Synthetic, tmp_path: Path,

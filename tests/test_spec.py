@@ -128,6 +128,65 @@ def test_every_unknown_field_is_reported_at_once() -> None:
     assert fields == {"nmae", "models.0.wieght", "output.sharding", "options.sed"}
 
 
+def test_the_rest_of_a_spec_with_unknown_fields_is_kept_for_preflight() -> None:
+    """The spec less its unknown fields is valid: preflight can still check it, so a typo does
+    not hide every other problem until it is fixed."""
+    data = json.loads(json.dumps(FULL))
+    data["models"][0]["wieght"] = 2
+    data["outptu"] = {}
+    with pytest.raises(SpecError) as info:
+        spec_from_dict(data)
+    assert info.value.partial == spec_from_dict(FULL)
+    data["base"] = 7  # a problem of the rest: no partial spec
+    with pytest.raises(SpecError) as info:
+        spec_from_dict(data)
+    assert info.value.partial is None
+    assert {p.field for p in info.value.problems} == {"models.0.wieght", "outptu", "base"}
+
+
+def test_what_an_unknown_field_hid_is_reported_with_it() -> None:
+    """pydantic stops at a broken list item: the list's own length problem comes back once
+    the unknown field is left out."""
+    data = {**MINIMAL, "models": [{"source": "org/a", "wieght": 2}]}
+    assert [(p.field, p.message) for p in problems_of(data)] == [
+        ("models.0.wieght", "unknown field"), ("models", "a merge needs at least 2 models")]
+
+
+@pytest.mark.parametrize("text", [".nan", ".inf", "-.inf"])
+def test_nan_and_infinity_are_no_weights(text: str) -> None:
+    """JSON would store them as null; method parameters are refused the same way by the
+    method's parameter model (tests/methods)."""
+    spec = f"base: org/base\nmethod: {{name: ties}}\nmodels: [{{source: a, weight: {text}}}, " \
+           "{source: b}]\n"
+    with pytest.raises(SpecError) as info:
+        parse_spec_text(spec)
+    assert [(p.field, p.message) for p in info.value.problems] == [
+        ("models.0.weight", "Input should be a finite number")]
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once() -> None:
+    """Ten levels of ten aliases: 10**10 values from 600 bytes of text."""
+    lines = ["l0: &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 10):
+        lines.append(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]")
+    text = "\n".join(lines) + "\nbase: *l9\n"
+    with pytest.raises(SpecError, match=r"expands to more than 100000 values \(YAML aliases\)"):
+        parse_spec_text(text)
+    with pytest.raises(SpecError, match="alias refers to a value that contains it"):
+        parse_spec_text("base: &a [x, *a]\n")
+    # aliases within reason are YAML as usual
+    spec = parse_spec_text("base: org/base\nmethod: {name: ties, params: {alpha: &w 0.5}}\n"
+                           "models: [{source: a, weight: *w}, {source: b, weight: *w}]\n")
+    assert [m.weight for m in spec.models] == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("json_only", [True, False])
+def test_deep_nesting_is_a_spec_error(json_only: bool) -> None:
+    text = '{"base": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    with pytest.raises(SpecError, match="nested too deeply"):
+        parse_spec_text(text, json_only=json_only)
+
+
 def test_method_params_are_free_form_here() -> None:
     """Params belong to the method and are checked at preflight (against its typed model)."""
     spec = spec_from_dict(with_field("method.params", {"anything": [1, 2]}))

@@ -34,9 +34,10 @@ DEFAULT_SVD_EXCLUDE: tuple[str, ...] = (
 
 
 class MethodParams(BaseModel):
-    """Base of every method's parameter model: unknown parameters are errors."""
+    """Base of every method's parameter model: unknown parameters are errors, and so are NaN
+    and Infinity (a merge with them writes no usable model)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SvdParams(MethodParams):

@@ -47,7 +47,7 @@ class DrmParams(SvdParams):
                     "[τ_1; …; τ_T], shared right singular vectors; auto: horizontal where its "
                     "stack has the lower rank (rtol 0.1), else vertical",
     )
-    alpha: float = Field(1.0, allow_inf_nan=False, description="scale of the merged task vector")
+    alpha: float = Field(1.0, description="scale of the merged task vector")
 
 
 def kept_count(num_entries: int, drop_rate: float) -> int:

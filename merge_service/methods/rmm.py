@@ -33,8 +33,7 @@ _GRAM_CHUNK = 1 << 20
 class RmmParams(MethodParams):
     basis_size: int = Field(2, ge=1, description="p: basis directions kept per tensor "
                                                  "(recovery is exact when p >= T - 1)")
-    alpha: float = Field(1.0, allow_inf_nan=False,
-                         description="scale of the served mean: θ0 + alpha · μ")
+    alpha: float = Field(1.0, description="scale of the served mean: θ0 + alpha · μ")
 
 
 def gram(xs: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -92,10 +92,15 @@ def test_every_problem_is_reported_with_its_line(client: tuple[TestClient, JobSt
     assert found["nowhere"]["line"] == line_of("nowhere")  # a model, found by its source
     assert "does not exist" in found["nowhere"]["message"]
 
-    # schema errors: unknown field, wrong type; the spec is not returned
+    # a schema error (an unknown field) comes first, with what preflight finds in the rest;
+    # the spec is not returned
     schema = check(http, text + "colour: blue\n")
     assert schema["valid"] is False and schema["spec"] is None
-    assert [(p["field"], p["line"]) for p in schema["problems"]] == [("colour", len(lines) + 1)]
+    assert [(p["field"], p["model"], p["line"]) for p in schema["problems"]] == [
+        ("colour", None, len(lines) + 1),
+        *((p["field"], p["model"], p["line"]) for p in answer["problems"])]
+    schema = check(http, text + "space: diagonal\n")  # not an unknown field: the schema alone
+    assert [(p["field"], p["line"]) for p in schema["problems"]] == [("space", len(lines) + 1)]
     # not YAML at all: one problem, no line
     broken = check(http, "base: [unclosed\n")
     assert broken["valid"] is False and "not valid YAML" in broken["problems"][0]["message"]

@@ -58,6 +58,27 @@ def test_meaningless_values_are_rejected(name: str, param: str, value: float) ->
     assert [p.field for p in problems] == [f"method.params.{param}"]
 
 
+def _float_params() -> list[tuple[str, str]]:
+    return [(name, field) for name, cls in sorted(available().items())
+            for field, info in cls.Params.model_fields.items()
+            if info.annotation in (float, float | None)]
+
+
+@pytest.mark.parametrize(("name", "param"), _float_params())
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nan_and_infinity_are_refused_for_every_float_param(name: str, param: str,
+                                                            value: float) -> None:
+    """A merge with them writes no usable model (and JSON would store them as null)."""
+    built, problems = build_method(name, {param: value})
+    assert built is None
+    assert [(p.field, p.message.split(" (")[0]) for p in problems] == [
+        (f"method.params.{param}", "Input should be a finite number")]
+
+
+def test_every_method_with_parameters_has_a_float_param_checked() -> None:
+    assert {name for name, _ in _float_params()} == set(available()) - {"average"}
+
+
 @pytest.mark.parametrize("name", DELTA_METHODS)
 @pytest.mark.parametrize("shape", [(7, 5), (5,), (2, 3, 4), ()])
 def test_shape_and_float64_preserved(name: str, shape: tuple[int, ...]) -> None:

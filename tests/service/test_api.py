@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from api.service import JobService
 from merge_service.cli import main as cli
 from tests.service.conftest import (
     API_KEYS,
@@ -121,6 +122,90 @@ def test_unknown_fields_are_each_reported(client: TestClient, store: JobStore,
     assert by_field["outptu"] == "unknown field"
     assert "options.device" in by_field
     assert queued_messages(store) == 0
+
+
+def test_a_typo_does_not_hide_the_other_problems(client: TestClient, store: JobStore,
+                                                 minilm_inputs: Inputs, tmp_path: Path) -> None:
+    """The spec less its unknown fields is preflighted too: one 422 lists every problem, on
+    submit and in the spec editor's check."""
+    body = spec_body(minilm_inputs, tmp_path / "out", params={"alpah": 0.3})
+    body["models"][0]["wieght"] = 2
+    body["models"].append({"source": str(tmp_path / "missing")})
+    response = client.post("/v1/jobs", json=body)
+    assert response.status_code == 422
+    err = error(response)
+    assert err["type"] == "SpecError"
+    found = {(p["field"], p["model"], p["message"].split(" (")[0]) for p in err["problems"]}
+    assert {("models.0.wieght", None, "unknown field"),
+            ("method.params.alpah", None, "unknown parameter")} <= found
+    assert any(model == "missing" and "does not exist" in message
+               for _, model, message in found), found
+    assert len(found) == 3
+    assert queued_messages(store) == 0
+    checked = client.post("/v1/jobs:validate", json=body).json()
+    assert not checked["valid"]
+    assert {(p["field"], p["model"]) for p in checked["problems"]} == \
+        {(field, model) for field, model, _ in found}
+
+
+def test_nan_and_infinity_are_refused(client: TestClient, store: JobStore,
+                                      minilm_inputs: Inputs, tmp_path: Path) -> None:
+    """JSON's NaN and Infinity (which Python's parser reads) would be stored as null."""
+    body = spec_body(minilm_inputs, tmp_path / "out", params={"alpha": float("inf")})
+    response = client.post("/v1/jobs", content=json.dumps(body),
+                           headers={"Content-Type": "application/json"})
+    assert response.status_code == 422
+    assert [(p["field"], p["message"]) for p in error(response)["problems"]] == [
+        ("method.params.alpha", "Input should be a finite number (method task_arithmetic)")]
+    body["models"][0]["weight"] = float("nan")
+    response = client.post("/v1/jobs", content=json.dumps(body),
+                           headers={"Content-Type": "application/json"})
+    assert response.status_code == 422
+    assert [(p["field"], p["message"]) for p in error(response)["problems"]] == [
+        ("models.0.weight", "Input should be a finite number")]
+    assert queued_messages(store) == 0
+
+
+def test_hostile_specs_are_refused_cheaply(client: TestClient, store: JobStore) -> None:
+    """A few hundred bytes of nested YAML aliases expand to 10**10 values; a deeply nested
+    body overflows a recursive parser. Each is a clear answer, not work or a 500."""
+    lines = ["l0: &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, 10)]
+    bomb = "\n".join(lines) + "\nbase: *l9\n"
+    checked = client.post("/v1/jobs:validate", content=bomb,
+                          headers={"Content-Type": "application/yaml"})
+    assert checked.status_code == 200
+    [problem] = checked.json()["problems"]
+    assert "expands to more than 100000 values" in problem["message"]
+    deep = '{"base": ' + "[" * 50_000 + "]" * 50_000 + "}"
+    checked = client.post("/v1/jobs:validate", content=deep,
+                          headers={"Content-Type": "application/json"})
+    assert [p["message"] for p in checked.json()["problems"]] == ["the spec is nested too deeply"]
+    for path in ("/v1/jobs", "/v1/schedules"):
+        response = client.post(path, content=deep, headers={"Content-Type": "application/json"})
+        assert response.status_code == 400, response.text
+        assert error(response)["type"] == "BadRequest"
+    assert queued_messages(store) == 0
+
+
+def test_a_bug_is_a_500_in_the_error_shape(redis_server: EmbeddedRedis, store: JobStore,
+                                           tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """No plain-text answer, and nothing of the exception's text in it (a fault injected where
+    no input reaches one)."""
+    app = create_app(service_settings(redis_url(redis_server, DB), tmp_path / "data"))
+
+    def broken() -> list[dict[str, Any]]:
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(JobService, "methods", staticmethod(broken))
+    with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as http:
+        response = http.get("/v1/methods")
+    assert response.status_code == 500
+    assert response.json() == {"error": {"type": "InternalError", "problems": [],
+                                         "message": "internal error; the server's log has "
+                                                    "the details"}}
+    assert "secret internals" not in response.text
 
 
 def test_too_few_models_and_missing_body(client: TestClient, minilm_inputs: Inputs) -> None:

@@ -221,9 +221,17 @@ def test_create_validates_every_problem_and_checks_roles(env: Env, tmp_path: Pat
         ({"collection": {"hub_collection": "org/no-id"}}, "not a collection slug"),
         ({"destination": "out"}, "hub://org/name or an absolute local directory"),
         ({"typo": 1}, "unknown field"),
+        *(({"template": body["template"] | {"method": {"name": "ties", "params": params}}},
+           message) for params, message in [
+            ({"alpha": float("inf")}, "finite number"),
+            ({"target_rank": float("nan")}, "target_rank must be a positive integer, got nan"),
+            ({"target_rank": 0}, "target_rank must be a positive integer, got 0"),
+            ({"target_rank": True}, "target_rank must be a positive integer, got True")]),
     ]
     for change, message in bad:
-        response = env.post("/v1/schedules", json=body | change)
+        # json.dumps writes NaN and Infinity as JSON's parsers (Python's too) read them
+        response = env.client.post("/v1/schedules", content=json.dumps(body | change),
+                                   headers=env.headers() | {"Content-Type": "application/json"})
         assert response.status_code == 422, (change, response.text)
         error = response.json()["error"]
         assert any(message in p["message"] for p in error["problems"]), (change, error)
