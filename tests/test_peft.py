@@ -10,7 +10,15 @@ import torch
 from merge_service.engine import run_merge
 from merge_service.errors import PreflightError
 from merge_service.spec import spec_from_dict
-from tests.conftest import MINILM_ADAPTERS, job, peft_merged_state, read_tensors, relative_error
+from tests.conftest import (
+    MINILM_ADAPTERS,
+    fill_lora,
+    job,
+    offline,
+    peft_merged_state,
+    read_tensors,
+    relative_error,
+)
 
 pytestmark = pytest.mark.usefixtures("hf_offline")
 
@@ -218,3 +226,32 @@ def test_touched_tensors_are_the_union_of_adapter_targets(
     assert all(t["action"] == "merged" for t in report["tensors"].values())
     assert {m["kind"] for m in report["models"]} == {"lora"}
     assert report["space"] == "full"
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_adapter_biases_are_task_vectors_as_peft_loads_them(
+        tmp_path: Path, minilm_dir: Path, minilm_adapters: dict[str, Path],
+        minilm_tensors: dict[str, torch.Tensor], bias: str) -> None:
+    """peft saves a LoRA layer's trained bias as `<module>.base_layer.bias`: it updates the
+    base's `<module>.bias`, as the other trained biases update theirs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    with offline():
+        model = get_peft_model(AutoModel.from_pretrained(minilm_dir), LoraConfig(
+            r=4, lora_alpha=8, target_modules=["query", "value"], bias=bias))
+    fill_lora(model, 7)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias") and param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.01)
+    model.save_pretrained(tmp_path / "biased")
+    models = [{"source": str(tmp_path / "biased")},
+              {"source": str(minilm_adapters["qv"]), "weight": 0.0}]
+    ours = _merge(tmp_path, minilm_dir, models, params={"alpha": 1.0})
+    _assert_matches(ours, peft_merged_state(minilm_dir, [tmp_path / "biased"]), minilm_tensors)
+    query_bias = "encoder.layer.0.attention.self.query.bias"
+    assert not torch.equal(ours[query_bias], minilm_tensors[query_bias])
+    other_bias = "encoder.layer.0.attention.output.dense.bias"  # in no LoRA layer
+    assert torch.equal(ours[other_bias], minilm_tensors[other_bias]) == (bias == "lora_only")

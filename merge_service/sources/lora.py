@@ -129,7 +129,9 @@ class LoraAdapter:
             if match:
                 factors.setdefault(match["module"], {})[match["kind"][-1]] = key
             else:
-                plain[rel] = key
+                # a wrapped layer's own parameters (bias "all" or "lora_only") are saved as
+                # `<module>.base_layer.<name>`; the model names them `<module>.<name>`
+                plain[rel.replace(".base_layer.", ".")] = key
 
         # adapters are saved relative to the model class they were trained on
         names = [f"{m}.weight" for m in factors] + list(plain)
@@ -208,12 +210,43 @@ def _config_problems(config: dict, label: str) -> list[Problem]:
             problems.append(Problem(f"{what} ({key}: {json.dumps(config[key])[:60]}) is not "
                                     "supported: only plain LoRA, ΔW = s·B·A, can be merged",
                                     model=label))
-    for key in ("r", "lora_alpha"):
+    for key, integer in (("r", True), ("lora_alpha", False)):
         value = config.get(key)
-        if value is not None and (not isinstance(value, int | float) or value <= 0):
-            problems.append(Problem(f"{key} must be a positive number, got {value!r}",
-                                    model=label))
+        if value is not None and not _positive(value, integer):
+            problems.append(Problem(f"{key} must be a positive {'integer' if integer else 'number'}"
+                                    f", got {value!r}", model=label))
+    for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        patterns = config.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            problems.append(Problem(f"{key} must be an object of module patterns, got "
+                                    f"{json.dumps(patterns)[:60]}", model=label))
+            continue
+        for pattern, value in patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                problems.append(Problem(f"{key}: {pattern!r} is not a regex ({exc})",
+                                        model=label))
+            if not _positive(value, integer):
+                problems.append(Problem(f"{key}: {pattern!r} must map to a positive "
+                                        f"{'integer' if integer else 'number'}, got {value!r}",
+                                        model=label))
+    name = config.get("base_model_name_or_path")
+    if name is not None and not isinstance(name, str):
+        problems.append(Problem(f"base_model_name_or_path must be a string, got "
+                                f"{json.dumps(name)[:60]}", model=label))
     return problems
+
+
+def _positive(value: object, integer: bool) -> bool:
+    """A positive finite number (an integer where `integer`); JSON's true is no number."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if integer and isinstance(value, float) and not value.is_integer():  # 8.0 is a rank
+        return False
+    return math.isfinite(value) and value > 0
 
 
 def _factor_shape_problem(module: str, a: TensorInfo, b: TensorInfo, embedding: bool,

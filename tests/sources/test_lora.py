@@ -303,11 +303,34 @@ def test_config_rank_that_disagrees_with_the_tensors(small_adapter: Path,
     assert "config gives rank 8" in messages[0] and "its lora_A has rank 4" in messages[0]
 
 
-@pytest.mark.parametrize(("key", "value"), [("r", 0), ("lora_alpha", -1), ("r", "eight")])
-def test_non_positive_rank_or_alpha(small_adapter: Path, key: str, value: object) -> None:
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("r", 0, "r must be a positive integer, got 0"),
+    ("r", "eight", "r must be a positive integer, got 'eight'"),
+    ("r", 4.5, "r must be a positive integer, got 4.5"),
+    ("r", True, "r must be a positive integer, got True"),
+    ("lora_alpha", -1, "lora_alpha must be a positive number, got -1"),
+    ("lora_alpha", float("inf"), "lora_alpha must be a positive number, got inf"),
+    ("lora_alpha", float("nan"), "lora_alpha must be a positive number, got nan"),
+    ("rank_pattern", ["x"], 'rank_pattern must be an object of module patterns, got ["x"]'),
+    ("rank_pattern", {"[": 4}, "rank_pattern: '[' is not a regex"),
+    ("rank_pattern", {"query": 2.5}, "rank_pattern: 'query' must map to a positive integer"),
+    ("alpha_pattern", {"query": "abc"}, "alpha_pattern: 'query' must map to a positive number"),
+    ("alpha_pattern", {"query": 0}, "alpha_pattern: 'query' must map to a positive number"),
+    ("base_model_name_or_path", 123, "base_model_name_or_path must be a string, got 123"),
+    ("base_model_name_or_path", ["a"], 'base_model_name_or_path must be a string, got ["a"]'),
+])
+def test_malformed_config_values(small_adapter: Path, key: str, value: object,
+                                 expected: str) -> None:
+    """Each a problem naming the key (they were tracebacks, or merged into Inf/NaN weights)."""
     edit_config(small_adapter, **{key: value})
     messages = open_problems(small_adapter)
-    assert any(f"{key} must be a positive number" in m for m in messages)
+    assert any(expected in m for m in messages), messages
+
+
+def test_an_integral_float_rank_is_a_rank(small_adapter: Path, tiny_bert_dir: Path) -> None:
+    edit_config(small_adapter, r=4.0, rank_pattern={"query": 4.0})
+    adapter, problems = LoraAdapter.open(small_adapter, "task1", base_names(tiny_bert_dir))
+    assert adapter is not None and problems == []
 
 
 @pytest.mark.parametrize(("key", "value"), [
