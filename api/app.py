@@ -30,6 +30,7 @@ from api.sse import STREAM_SOCKET_TIMEOUT_S
 from merge_service import __version__
 from merge_service.errors import Problem
 from merge_service.settings import Settings
+from merge_service.spec import problem_from_pydantic
 from workers.celery_app import make_celery
 from workers.jobs import JobStore
 
@@ -138,15 +139,12 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 def _problem(error: dict[str, Any]) -> Problem:
     where, *path = error["loc"] or ("body",)
-    field = ".".join(str(p) for p in path) or None
-    message = "unknown field" if error["type"] == "extra_forbidden" else error["msg"]
-    if where == "body" and field is None and error["type"] == "missing":
-        message = "a job spec is required as the JSON body"
-    if where == "body" and field == "models" and error["type"] == "too_short":
-        message = "a merge needs at least 2 models"
-    if where != "body":
-        field = f"{where}.{field}" if field else where
-    return Problem(message, field=field)
+    if where == "body" and not path and error["type"] == "missing":
+        return Problem("a job spec is required as the JSON body")
+    problem = problem_from_pydantic({**error, "loc": path})
+    if where == "body":
+        return problem
+    return Problem(problem.message, field=f"{where}.{problem.field}" if problem.field else where)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

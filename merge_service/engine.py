@@ -20,7 +20,13 @@ from typing import Any
 import torch
 
 from merge_service import __version__
-from merge_service.errors import MergeCancelled, MergeRuntimeError, PreflightError, Problem
+from merge_service.errors import (
+    MergeCancelled,
+    MergeRuntimeError,
+    NonFiniteResultError,
+    PreflightError,
+    Problem,
+)
 from merge_service.inputs import TaskInput
 from merge_service.methods import (
     MergeMethod,
@@ -307,7 +313,7 @@ def execute(prepared: PreparedMerge, *, overwrite: bool = False,
                                reader)
                 if name not in merged:
                     if writer is not None:
-                        writer.add(name, _cast_output(p.base.get(name), p.dtype_of(name)))
+                        writer.add(name, _cast_output(p, name, p.base.get(name), merged=False))
                 elif whole is not None:
                     out.add_merged(p, name, whole.tensor(name))
                     tensor_report[name] = whole.info(name)
@@ -403,12 +409,13 @@ class _Outputs:
     def total_bytes(self) -> int:
         return sum(w.total_bytes for w in (self.model, self.adapter, self.artifact) if w)
 
-    def add_merged(self, p: PreparedMerge, name: str, value: torch.Tensor) -> None:
-        """A merged full tensor `θ0 + Δ` (not a LoRA module)."""
+    def add_merged(self, p: PreparedMerge, name: str, value: torch.Tensor,
+                   merged: bool = True) -> None:
+        """A merged full tensor `θ0 + Δ` (not a LoRA module); `merged=False`: the base's."""
         if self.model is not None:
-            self.model.add(name, _cast_output(value, p.dtype_of(name)))
+            self.model.add(name, _cast_output(p, name, value, merged))
         if self.adapter is not None:  # modules_to_save, biases: stored whole, under their key
-            self.adapter.add_tensor(_extra_key(p, name), _cast_output(value, p.dtype_of(name)))
+            self.adapter.add_tensor(_extra_key(p, name), _cast_output(p, name, value, merged))
 
 
 def _merge_tensor(p: PreparedMerge, name: str, out: _Outputs) -> dict[str, Any]:
@@ -418,7 +425,7 @@ def _merge_tensor(p: PreparedMerge, name: str, out: _Outputs) -> dict[str, Any]:
     found = [task.task_vector(name, base) for task in p.inputs]
     if all(v is None or not bool(v.any()) for v in found):
         # METHODS.md section 0: a tensor whose deltas are all zero is copied.
-        out.add_merged(p, name, p.base.get(name))
+        out.add_merged(p, name, p.base.get(name), merged=False)
         return {"action": "unchanged"}
     vectors = [torch.zeros_like(base) if v is None else v for v in found]
     del found
@@ -439,7 +446,7 @@ def _merge_tensor(p: PreparedMerge, name: str, out: _Outputs) -> dict[str, Any]:
         out.add_merged(p, name, base.add_(result.delta))
     if out.artifact is not None:
         for key, value in result.artifact.items():
-            out.artifact.add(name, key, _cast_output(value, p.dtype_of(name)))
+            out.artifact.add(name, key, _cast_output(p, name, value))
     return {"action": "merged", **task.diagnostics}
 
 
@@ -462,7 +469,7 @@ def _sum_tensor(p: PreparedMerge, method: SumOfTerms, name: str, base: torch.Ten
         scratch = tv if tv is not total else None
         del tv
     if not changed:  # METHODS.md section 0: a tensor whose deltas are all zero is copied
-        out.add_merged(p, name, p.base.get(name))
+        out.add_merged(p, name, p.base.get(name), merged=False)
         return {"action": "unchanged"}
     assert total is not None
     out.add_merged(p, name, base.add_(method.finish(task, total)))
@@ -513,18 +520,17 @@ def _merge_lora_module(p: PreparedMerge, name: str, out: _Outputs) -> dict[str, 
         assert isinstance(space, CoreSpace)
         stored = {**result.artifact, "shared::u_b": space.u_b, "shared::v_a": space.v_a}
         for key, value in stored.items():
-            out.artifact.add(name, key, _cast_output(value, p.dtype_of(name)))
+            out.artifact.add(name, key, _cast_output(p, name, value))
     if out.adapter is not None:
         assert isinstance(space, CoreSpace)
         a, b = space.to_lora(merged, p.target_rank)
         module = _lora_module(p, name)
         assert module is not None
-        out.adapter.add_module(module, _cast_output(a, p.dtype_of(name)),
-                               _cast_output(b, p.dtype_of(name)))
+        out.adapter.add_module(module, _cast_output(p, name, a), _cast_output(p, name, b))
         info["rank"] = a.shape[0]
     if out.model is not None:
         base = p.base.get(name).to(p.device, p.compute_dtype)
-        out.model.add(name, _cast_output(base.add_(space.to_full(merged)), p.dtype_of(name)))
+        out.model.add(name, _cast_output(p, name, base.add_(space.to_full(merged))))
     return info
 
 
@@ -566,8 +572,22 @@ def _dtype_text(p: PreparedMerge) -> str:
     return names[0] if len(names) == 1 else f"as in the base, per tensor ({', '.join(names)})"
 
 
-def _cast_output(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return tensor.to("cpu", dtype) if tensor.dtype.is_floating_point else tensor.to("cpu")
+def _cast_output(p: PreparedMerge, name: str, tensor: torch.Tensor, merged: bool = True
+                 ) -> torch.Tensor:
+    """`tensor` on the CPU in `name`'s output dtype. A merged value must be finite there: a
+    weight, alpha or scale too large overflows to Inf (in the compute dtype, or in a 16-bit
+    output), and nothing is written then. Copies of the base are written as they are."""
+    dtype = p.dtype_of(name)
+    if not tensor.dtype.is_floating_point:
+        return tensor.to("cpu")
+    out = tensor.to("cpu", dtype)
+    # a sum is finite when every entry is; only a non-finite sum pays for the entry-wise check
+    if merged and not bool(torch.isfinite(out.sum(dtype=torch.float64))) \
+            and not bool(torch.isfinite(out).all()):
+        raise NonFiniteResultError(Problem(
+            f"the merged value overflows to Inf or NaN in {str(dtype).removeprefix('torch.')} "
+            "(a weight, alpha or adapter scale too large?)", tensor=name))
+    return out
 
 
 def _plan(spec: JobSpec, base: Checkpoint, inputs: list[TaskInput]) -> tuple[list[str],

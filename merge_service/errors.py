@@ -78,6 +78,11 @@ class CorruptTensorError(InvalidInputError):
     """A tensor read during the merge holds NaN/Inf or could not be decoded."""
 
 
+class NonFiniteResultError(InvalidInputError):
+    """A merged tensor overflowed to Inf or NaN: the weights, alpha or adapter scales are too
+    large for the compute or output dtype. Nothing was written."""
+
+
 class MergeCancelled(MergeServiceError):
     """The cancel check returned true; the merge stopped and left no output."""
 

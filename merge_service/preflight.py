@@ -24,7 +24,10 @@ from merge_service.spec import JobSpec
 def resolve_device(requested: str) -> tuple[torch.device | None, list[Problem]]:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu"), []
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError:  # an index beyond what torch can parse (the form is checked already)
+        return None, [Problem(f"{requested} is not a device torch knows", field="options.device")]
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return None, [Problem("CUDA was requested but is not available on this machine",
@@ -198,7 +201,7 @@ def resolved_path(given: str, field: str, model: str | None = None
     """The absolute path a spec's local path names (`~` expanded, links followed)."""
     try:
         return Path(given).expanduser().resolve(), []
-    except (RuntimeError, OSError) as exc:  # `~nosuchuser`, a loop of links
+    except (RuntimeError, OSError, ValueError) as exc:  # `~nosuchuser`, a loop of links, NUL
         return None, [Problem(f"cannot use the path {given!r}: {exc}", model=model,
                               field=field)]
 

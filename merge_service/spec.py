@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -42,13 +43,23 @@ def parse_size(value: str | int) -> int:
     return size
 
 
+def _no_nul(value: str) -> str:
+    if "\0" in value:  # no file system takes one; Python refuses it with a ValueError
+        raise ValueError("contains a NUL character")
+    return value
+
+
+PathText = Annotated[str, AfterValidator(_no_nul)]  # a local path or a Hub id
+
+
 class _Strict(BaseModel):
     # NaN and Infinity are no numbers a spec can mean (and JSON would store them as null)
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelEntry(_Strict):
-    source: str = Field(min_length=1, description="Hub repo id[@revision] or local directory")
+    source: PathText = Field(min_length=1,
+                             description="Hub repo id[@revision] or local directory")
     weight: float = Field(1.0, description="per-model coefficient w_t")
     name: str | None = Field(None, description="task name (default: derived from source)")
 
@@ -77,7 +88,7 @@ class OutputOptions(_Strict):
 
 
 class OutputSpec(OutputOptions):
-    destination: str | None = Field(None, description="local directory or hub://org/name")
+    destination: PathText | None = Field(None, description="local directory or hub://org/name")
 
     @property
     def shard_bytes(self) -> int:
@@ -110,14 +121,14 @@ class Options(_Strict):
 
 
 class CalibrationSource(_Strict):
-    path: str
+    path: PathText
     field: str = "text"
     max_samples: int = Field(256, ge=1)
 
 
 class JobSpec(_Strict):
     name: str | None = None
-    base: str = Field(min_length=1)
+    base: PathText = Field(min_length=1)
     models: list[ModelEntry] = Field(min_length=2)
     method: MethodSpec
     space: Space = "auto"
@@ -170,14 +181,14 @@ def spec_from_dict(data: Any) -> JobSpec:
         return JobSpec.model_validate(data)
     except ValidationError as exc:
         errors = exc.errors()
-    problems = [_problem_from_pydantic(err) for err in errors]
+    problems = [problem_from_pydantic(err) for err in errors]
     unknown = [tuple(err["loc"]) for err in errors if err["type"] == "extra_forbidden"]
     partial = None
     if unknown:
         try:
             partial = JobSpec.model_validate(_without_fields(data, unknown))
         except ValidationError as rest:
-            problems += [p for p in map(_problem_from_pydantic, rest.errors())
+            problems += [p for p in map(problem_from_pydantic, rest.errors())
                          if p not in problems]
     raise SpecError(problems, partial)
 
@@ -316,10 +327,13 @@ def _yaml_error(exc: yaml.YAMLError) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}{context}"
 
 
-def _problem_from_pydantic(err: Any) -> Problem:
+def problem_from_pydantic(err: Any) -> Problem:
+    """A pydantic error of a spec (or of a request body that holds one) as a problem."""
     location = ".".join(str(part) for part in err["loc"])
     message = err["msg"]
-    if err["type"] == "extra_forbidden":
+    if err["type"] == "value_error":  # our validators' own text, without pydantic's prefix
+        message = message.removeprefix("Value error, ")
+    elif err["type"] == "extra_forbidden":
         message = "unknown field"
     elif err["type"] == "too_short" and location == "models":
         message = "a merge needs at least 2 models"

@@ -149,6 +149,32 @@ def _nan_param(syn: Synthetic, tmp: Path) -> dict:
     return job(syn.base, syn.tasks, tmp / "out", params={"alpha": float("nan")})
 
 
+def _overflowing_weight(syn: Synthetic, tmp: Path) -> dict:
+    return job(syn.base, [{"source": str(syn.tasks[0]), "weight": 1e300}, syn.tasks[1]],
+               tmp / "out")
+
+
+def _overflowing_float16(syn: Synthetic, tmp: Path) -> dict:
+    return job(syn.base, [{"source": str(syn.tasks[0]), "weight": 1e7}, syn.tasks[1]],
+               tmp / "out", params={"alpha": 1.0}, output={"dtype": "float16"})
+
+
+def _long_destination(syn: Synthetic, tmp: Path) -> dict:
+    return job(syn.base, syn.tasks, tmp / ("x" * 300))
+
+
+def _long_source(syn: Synthetic, tmp: Path) -> dict:
+    return job(syn.base, [syn.tasks[0], "y" * 300], tmp / "out")
+
+
+def _nul_in_a_path(syn: Synthetic, tmp: Path) -> dict:
+    return job(f"{syn.base}\0", syn.tasks, f"{tmp / 'out'}\0")
+
+
+def _device_index_too_large(syn: Synthetic, tmp: Path) -> dict:
+    return job(syn.base, syn.tasks, tmp / "out", options={"device": "cuda:" + "9" * 24})
+
+
 def _unknown_field(syn: Synthetic, tmp: Path) -> dict:
     return {**job(syn.base, syn.tasks, tmp / "out"), "optoins": {"seed": 1}}
 
@@ -178,11 +204,22 @@ BAD_INPUTS: dict[str, tuple[Case, list[str]]] = {
     "unknown parameter": (_unknown_param, ["method.params.densty", "unknown parameter"]),
     "bad parameter value": (_bad_param_value, ["method.params.density", "ties"]),
     "NaN parameter": (_nan_param, ["method.params.alpha", "finite number"]),
+    "a weight that overflows": (_overflowing_weight, [
+        "the merged value overflows to Inf or NaN in float32", "too large?"]),
+    "an output dtype that overflows": (_overflowing_float16, ["overflows", "in float16"]),
     "format lora for full checkpoints": (_lora_format_for_full, [
         "output.format", "'lora' needs LoRA adapters"]),
     "compressed with task_arithmetic": (_compressed_with_ta, [
         "output.format", "cannot produce format 'compressed'"]),
     "unknown spec field": (_unknown_field, ["optoins", "unknown field"]),
+    "destination name too long": (_long_destination, ["output.destination: cannot use "
+                                                      "destination", "File name too long"]),
+    "source name too long": (_long_source, ["cannot use the local source 'yyy",
+                                            "File name too long"]),
+    "NUL in a path": (_nul_in_a_path, ["base: contains a NUL character",
+                                       "output.destination: contains a NUL character"]),
+    "device index too large": (_device_index_too_large, [
+        "options.device: cuda:999999999999999999999999 is not a device torch knows"]),
     "adapter as the base": (_adapter_as_base, ["base", "not a LoRA adapter"]),
 }
 

@@ -40,6 +40,14 @@ def destination_problems(destination: Path, overwrite: bool) -> list[Problem]:
     Siblings an interrupted run left are settled first (`recover_interrupted`): a previous
     output it had moved aside is the destination again, as the checks below should see it.
     """
+    try:
+        return _destination_problems(destination, overwrite)
+    except OSError as exc:  # a name too long for the file system, a path through a socket...
+        return [Problem(f"cannot use destination {destination}: {exc.strerror or exc}",
+                        field="output.destination")]
+
+
+def _destination_problems(destination: Path, overwrite: bool) -> list[Problem]:
     recover_interrupted(destination)
     if destination.is_dir() and os.path.ismount(destination):
         # the output is written beside it and renamed over it, which a mount point refuses

@@ -66,7 +66,11 @@ class ResolvedSource:
 def looks_local(source: str) -> bool:
     if source.startswith(("/", "./", "../", "~", ".\\")) or source in {".", ".."}:
         return True
-    return Path(source).expanduser().exists() or not _HUB_ID.match(source)
+    try:
+        exists = Path(source).expanduser().exists()
+    except (OSError, ValueError):  # too long to be a path, a NUL: no Hub id either
+        return True
+    return exists or not _HUB_ID.match(source)
 
 
 def resolve_source(source: str, label: str, hub: HubOptions, *, weights: bool = True
@@ -74,11 +78,15 @@ def resolve_source(source: str, label: str, hub: HubOptions, *, weights: bool = 
     """`weights=False` (with `hub.headers_dir` set): a Hub repo's safetensors files as their
     headers only, enough for preflight and no more."""
     if looks_local(source):
-        path = Path(source).expanduser().resolve()
-        if not path.is_dir():
-            what = "is a file, expected a model or adapter directory" if path.exists() \
-                else "does not exist"
-            return None, [Problem(f"local source {path} {what}", model=label)]
+        try:
+            path = Path(source).expanduser().resolve()
+            if not path.is_dir():
+                what = "is a file, expected a model or adapter directory" if path.exists() \
+                    else "does not exist"
+                return None, [Problem(f"local source {path} {what}", model=label)]
+        except (OSError, RuntimeError, ValueError) as exc:  # too long, a link loop, `~nobody`, NUL
+            return None, [Problem(f"cannot use the local source {source!r}: "
+                                  f"{getattr(exc, 'strerror', None) or exc}", model=label)]
         return ResolvedSource(source, path), []
     repo_id, _, revision = source.partition("@")
     return _resolve_hub(source, repo_id, revision or None, label, hub,
