@@ -37,12 +37,12 @@ from merge_service.methods import (
 )
 from merge_service.preflight import (
     base_identity,
+    destination_input_problems,
     effective_space,
     full_checkpoint_problems,
     input_kind_problems,
     lora_adapter_problems,
     output_problems,
-    overwrite_problems,
     quantized_problems,
     resolve_device,
     resolved_path,
@@ -177,9 +177,10 @@ def prepare(spec: JobSpec, *, overwrite: bool = False, hub: HubOptions | None = 
         resolved.append(found)
         problems += source_problems
     report(Progress("resolving", len(sources), len(sources), None))
-    if local is not None and overwrite:
-        problems += overwrite_problems(local, [(label, found.path) for label, found
-                                               in zip(labels, resolved, strict=True) if found])
+    if local is not None:
+        problems += destination_input_problems(
+            local, [(label, found.path) for label, found in zip(labels, resolved, strict=True)
+                    if found], overwrite)
     resolve_s = time.perf_counter() - started
     report(Progress("preflight", 0, 1, None))
 

@@ -247,10 +247,21 @@ def outside_roots_problems(paths: list[LocalPath], roots: list[Path]) -> list[Pr
     return problems
 
 
-def overwrite_problems(destination: Path, inputs: list[tuple[str, Path]]) -> list[Problem]:
-    """`--overwrite` replaces the destination whole: never when that would delete an input or
-    the directory the command runs in (an empty `--out ''` once meant the current one)."""
+def destination_input_problems(destination: Path, inputs: list[tuple[str, Path]],
+                               overwrite: bool) -> list[Problem]:
+    """The output goes beside the inputs, never into one (the base's other files are copied
+    into outputs, so a later merge would carry this one's output along), and `--overwrite`
+    replaces the destination whole: never when that would delete an input or the directory
+    the command runs in (an empty `--out ''` once meant the current one)."""
     problems = []
+    for label, path in inputs:
+        path = path.resolve()
+        if path in destination.parents:
+            problems.append(Problem(f"the destination {destination} is inside the input "
+                                    f"{path}: write it beside the inputs", model=label,
+                                    field="output.destination"))
+    if not overwrite:
+        return problems
     for label, path in [*inputs, ("the current directory", Path.cwd())]:
         path = path.resolve()
         if path == destination or destination in path.parents:

@@ -17,7 +17,7 @@ import torch
 
 from merge_service.engine import MergeResult, Progress, ProgressCallback
 from merge_service.errors import InvalidInputError, Problem
-from merge_service.preflight import overwrite_problems
+from merge_service.preflight import destination_input_problems
 from merge_service.sinks.artifact import Artifact
 from merge_service.sinks.local import LocalDirectorySink, copy_model_files, destination_problems
 from merge_service.sinks.model_card import hub_model_id, render_model_card
@@ -50,9 +50,8 @@ def revert(artifact_dir: Path, task: str, out: Path, *, overwrite: bool = False,
                 for p in exc.problems)]) from None
         base_source, source_problems = resolve_source(spec.base, "base", hub or HubOptions())
         problems += source_problems
-        if overwrite:
-            problems += overwrite_problems(out.resolve(), [("artifact", artifact_dir)] + (
-                [("base", base_source.path)] if base_source is not None else []))
+        problems += destination_input_problems(out.resolve(), [("artifact", artifact_dir)] + (
+            [("base", base_source.path)] if base_source is not None else []), overwrite)
         if base_source is not None:
             base, base_problems = Checkpoint.open(base_source.path, "base")
             problems += base_problems

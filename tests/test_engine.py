@@ -131,6 +131,24 @@ def test_an_empty_destination_is_a_problem_not_the_current_directory(
     assert [p.name for p in work.iterdir()] == ["precious.txt"]
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("which", ["base", "task"])
+def test_the_output_never_goes_into_an_input(synthetic: Synthetic, tmp_path: Path,
+                                             which: str, overwrite: bool) -> None:
+    """Written into the base, it would be copied into every later merge's output with the
+    base's other files; into a task model, it would be read as part of that model."""
+    source = synthetic.base if which == "base" else synthetic.tasks[1]
+    destination = source / "merged"
+    with pytest.raises(PreflightError) as info:
+        prepare(spec_from_dict(job(synthetic.base, synthetic.tasks, destination)),
+                overwrite=overwrite).close()
+    assert [p.message for p in info.value.problems] == [
+        f"the destination {destination} is inside the input {source}: write it beside the "
+        "inputs"]
+    assert info.value.problems[0].model == ("base" if which == "base" else "task2")
+    assert not destination.exists()
+
+
 def test_overwrite_never_deletes_an_input_or_the_current_directory(
         synthetic: Synthetic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     before = {p: sorted(q.name for q in p.iterdir()) for p in (synthetic.base, *synthetic.tasks)}
