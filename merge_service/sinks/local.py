@@ -210,8 +210,13 @@ class LocalDirectorySink:
         self.overwrite = overwrite
         self.tmp = _sibling(destination, "partial")
         self._committed = False
+        self._made: list[Path] = []  # parents this sink created, innermost first
 
     def __enter__(self) -> Path:
+        parent = self.destination.parent
+        while not parent.exists():
+            self._made.append(parent)
+            parent = parent.parent
         self.destination.parent.mkdir(parents=True, exist_ok=True)
         recover_interrupted(self.destination)
         self.tmp.mkdir()
@@ -235,6 +240,11 @@ class LocalDirectorySink:
     def __exit__(self, *exc: object) -> None:
         if not self._committed:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            for made in self._made:  # what it created for the output, if nothing else came
+                try:
+                    made.rmdir()
+                except OSError:
+                    break
 
 
 def copy_model_files(source: Path, target: Path) -> list[str]:

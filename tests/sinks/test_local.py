@@ -52,6 +52,22 @@ def test_an_exception_aborts_and_propagates(tmp_path: Path) -> None:
     assert_nothing_written(dest)
 
 
+def test_parents_made_for_the_output_go_with_it(tmp_path: Path) -> None:
+    """An interrupted merge into new/sub/merged leaves no new/ behind; a parent that something
+    else wrote into meanwhile stays, and so does one that was there before."""
+    (tmp_path / "new").mkdir()
+    dest = tmp_path / "new" / "a" / "b" / "merged"
+    with pytest.raises(KeyboardInterrupt), LocalDirectorySink(dest):
+        raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.iterdir()] == ["new"]
+    assert list((tmp_path / "new").iterdir()) == []
+    with pytest.raises(KeyboardInterrupt), LocalDirectorySink(dest):
+        (tmp_path / "new" / "a" / "other").write_text("someone else's")
+        raise KeyboardInterrupt
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "new", "new/a", "new/a/other"]
+
+
 def test_an_existing_destination_is_kept_on_abort(tmp_path: Path) -> None:
     dest = tmp_path / "merged"
     dest.mkdir()
