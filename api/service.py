@@ -200,6 +200,12 @@ class JobService:
         record = self.get(job_id)
         if record.status not in TERMINAL:
             raise Conflict(f"job {job_id} is {record.status}; only a finished job can be retried")
+        destination = record.spec.output.destination
+        if record.status == "succeeded" and destination and not destination.startswith("hub://"):
+            # a Hub destination takes another commit; a local output is never replaced by a job
+            raise Conflict(f"job {job_id} succeeded and its output is at {destination}: a "
+                           "retry would write there again; submit its spec with another "
+                           "destination")
         new, _ = self.submit(record.spec, principal, schedule_id=record.schedule_id,
                              hub_secret=self.store.internal(job_id)["hub_secret"])
         if record.schedule_id is not None:

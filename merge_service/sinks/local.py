@@ -56,8 +56,9 @@ def _destination_problems(destination: Path, overwrite: bool) -> list[Problem]:
                         "write to a directory inside it, or mount its parent instead",
                         field="output.destination")]
     if destination.exists() and not overwrite:
-        return [Problem(f"destination {destination} already exists (use --overwrite to "
-                        "replace it)", field="output.destination")]
+        return [Problem(f"destination {destination} already exists (an output is replaced "
+                        "only by `merge-service merge --overwrite`; a job never replaces one)",
+                        field="output.destination")]
     if destination.exists() and not destination.is_dir():
         return [Problem(f"destination {destination} is a file", field="output.destination")]
     parent = destination.parent

@@ -95,6 +95,13 @@ def test_end_to_end_over_http_with_sse(service: Service, minilm_inputs: Inputs,
     assert record["error"] is None
     assert report == json.loads((destination / "merge_report.json").read_text())
     assert [j["id"] for j in listed["jobs"]] == [job["id"]]
+    # a job never replaces a local output: its retry is refused, saying why
+    with service.client("submit") as http:
+        retried = http.post(f"/v1/jobs/{job['id']}/retry")
+    assert retried.status_code == 409
+    assert retried.json()["error"]["message"] == (
+        f"job {job['id']} succeeded and its output is at {destination}: a retry would write "
+        "there again; submit its spec with another destination")
 
     # the output is the library's output, and loads with transformers
     from transformers import AutoModel
