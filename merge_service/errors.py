@@ -30,6 +30,15 @@ class Problem:
         return asdict(self)
 
 
+def capped(problems: list[Problem], label: str, limit: int = 20) -> list[Problem]:
+    """At most `limit` problems of one kind, then one line counting the rest: a broken file
+    of a thousand tensors is one message to act on, not a thousand."""
+    if len(problems) <= limit:
+        return problems
+    return [*problems[:limit], Problem(f"... and {len(problems) - limit} more problems",
+                                       model=label)]
+
+
 class MergeServiceError(Exception):
     """Base class of every error the library raises on purpose."""
 

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from merge_service.errors import Problem
+from merge_service.errors import Problem, capped
 from merge_service.inputs import TaskInput
 from merge_service.methods import MergeMethod, available
 from merge_service.sinks.artifact import ARTIFACT_FORMATS
@@ -114,7 +114,7 @@ def full_checkpoint_problems(base: Checkpoint, task: TaskInput) -> list[Problem]
         if not model.tensors[name].is_float:
             continue  # an integer buffer the base was saved without: nothing to merge
         problems.append(Problem("not in the base model", model=task.name, tensor=name))
-    return _capped(problems, task.name)
+    return capped(problems, task.name)
 
 
 def lora_adapter_problems(base: Checkpoint, base_identity: set[str], task: TaskInput
@@ -145,7 +145,7 @@ def lora_adapter_problems(base: Checkpoint, base_identity: set[str], task: TaskI
         elif info.shape != stored.shape:
             problems.append(Problem(f"shape {list(stored.shape)}, the base has "
                                     f"{list(info.shape)}", model=task.name, tensor=target))
-    return _capped(problems, task.name)
+    return capped(problems, task.name)
 
 
 def weight_problems(spec: JobSpec, method: MergeMethod | None) -> list[Problem]:
@@ -336,8 +336,3 @@ def _same_base(trained_on: str, identity: set[str]) -> bool:
     return any(n.rstrip("/").rsplit("/", 1)[-1] == leaf for n in identity)
 
 
-def _capped(problems: list[Problem], label: str, limit: int = 20) -> list[Problem]:
-    if len(problems) <= limit:
-        return problems
-    return [*problems[:limit], Problem(f"... and {len(problems) - limit} more problems",
-                                       model=label)]

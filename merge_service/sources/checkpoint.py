@@ -14,19 +14,25 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections import defaultdict
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from merge_service.errors import Problem
+from merge_service.errors import Problem, capped
 
+# every dtype of the safetensors format that has a torch dtype of the same element size (not
+# the sub-byte F4, F6_E2M3, F6_E3M2)
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
+    "BOOL": torch.bool, "C64": torch.complex64,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+    "F8_E8M0": torch.float8_e8m0fnu,
 }
 DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit
@@ -60,7 +66,9 @@ class TensorInfo:
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and check a safetensors header: dtypes known, offsets inside the file, no gaps.
+    """Parse and check a safetensors header as the `safetensors` library does: known dtypes,
+    non-negative integer shapes and offsets, each tensor's byte length its shape's, and the
+    tensors laid out one after another over the whole data section (no gap, no overlap).
 
     Catches truncated or corrupt files before any tensor is read.
     """
@@ -83,23 +91,56 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     header.pop("__metadata__", None)
     data_size = size - 8 - length
     infos: dict[str, TensorInfo] = {}
-    end_max = 0
+    spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
         try:
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
+            dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+            shape = tuple(_count(d) for d in entry["shape"])
+            begin, end = (_count(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise SafetensorsFileError(f"tensor {name!r} has a malformed header entry") from None
+        if dtype is None:
+            raise SafetensorsFileError(f"tensor {name!r} has dtype {entry['dtype']!r}, which is "
+                                       "not supported")
         info = TensorInfo(path, dtype, shape, 8 + length + begin)
-        if end - begin != info.nbytes or begin < 0:
-            raise SafetensorsFileError(f"tensor {name!r}: data size does not match its shape")
-        end_max = max(end_max, end)
+        if end - begin != info.nbytes:
+            raise SafetensorsFileError(
+                f"tensor {name!r}: data size does not match its shape ({end - begin} bytes; "
+                f"{entry['dtype']} {list(shape)} takes {info.nbytes})")
+        spans.append((begin, end, name))
         infos[name] = info
-    if end_max > data_size:
+    needed = max((end for _, end, _ in spans), default=0)
+    if needed > data_size:
         raise SafetensorsFileError(
-            f"truncated: tensors need {end_max} bytes of data, the file has {data_size}")
+            f"truncated: tensors need {needed} bytes of data, the file has {data_size}")
+    covered, previous = 0, ""  # the data is covered up to byte `covered`, by `previous`
+    gap = None  # reported after any overlap, which is what usually leaves a gap elsewhere
+    for begin, end, name in sorted(spans):
+        if begin < covered:
+            raise SafetensorsFileError(f"tensors {previous!r} and {name!r} overlap")
+        if begin > covered and gap is None:
+            gap = f"bytes {covered} to {begin} of the data belong to no tensor (before {name!r})"
+        covered, previous = end, name
+    if gap is not None:
+        raise SafetensorsFileError(gap)
+    if covered < data_size:
+        raise SafetensorsFileError(f"the last {data_size - covered} bytes of the file belong "
+                                   "to no tensor")
     return infos
+
+
+def _count(value: object) -> int:
+    """A shape dimension or an offset: a JSON integer, not negative (not 2.5, "2" or true)."""
+    if type(value) is not int or value < 0:
+        raise ValueError(value)
+    return value
+
+
+def _outside(shard: str) -> bool:
+    """Whether an index entry names a file outside the model directory: an absolute path, or
+    one whose `..` climb out of it. Judged on the name, not on the resolved file: the shards
+    of a Hub snapshot are symlinks into the cache's blob store."""
+    return os.path.isabs(shard) or os.path.normpath(shard).split(os.sep)[0] == ".."
 
 
 def read_tensor(fd: int, info: TensorInfo) -> torch.Tensor:
@@ -127,17 +168,22 @@ class Checkpoint:
     @classmethod
     def open(cls, directory: Path, label: str, prefix: str = "model"
              ) -> tuple[Checkpoint | None, list[Problem]]:
-        """Read every header of the checkpoint; return it, or the problems that prevent it."""
+        """Read every header of the checkpoint; return it, or the problems that prevent it
+        (of each kind the first 20)."""
         index = directory / f"{prefix}.safetensors.index.json"
         single = directory / f"{prefix}.safetensors"
         files: list[Path]
+        outside: list[Problem] = []
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-                files = sorted({directory / f for f in weight_map.values()})
+                listed = sorted(set(weight_map.values()))
+                files = sorted({directory / f for f in listed if not _outside(f)})
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 return None, [Problem(f"{index.name} is not a valid index "
                                       "(expected a 'weight_map' object)", model=label)]
+            outside = [Problem(f"{index.name} lists {f}, which is outside the model directory",
+                               model=label) for f in listed if _outside(f)]
         elif single.is_file():
             weight_map, files = None, [single]
         else:
@@ -147,22 +193,33 @@ class Checkpoint:
             return None, [Problem(f"no {single.name} or {index.name} in {directory}{hint}",
                                   model=label)]
         tensors: dict[str, TensorInfo] = {}
-        problems: list[Problem] = []
+        holders: dict[str, list[Path]] = defaultdict(list)  # the shards that hold each tensor
+        unreadable: list[Problem] = []
         for file in files:
             if not file.is_file():
-                problems.append(Problem(f"shard {file.name} listed in the index is missing",
-                                        model=label))
+                unreadable.append(Problem(f"shard {file.name} listed in the index is missing",
+                                          model=label))
                 continue
             try:
-                tensors.update(read_safetensors_header(file))
+                header = read_safetensors_header(file)
             except SafetensorsFileError as exc:
-                problems.append(Problem(f"{file.name}: {exc}", model=label))
-        if weight_map is not None and not problems:
-            for name, fname in weight_map.items():
-                info = tensors.get(name)
-                if info is None or info.file.name != fname:
-                    problems.append(Problem(f"index maps it to {fname}, which does not hold it",
-                                            model=label, tensor=name))
+                unreadable.append(Problem(f"{file.name}: {exc}", model=label))
+                continue
+            tensors.update(header)
+            for name in header:
+                holders[name].append(file)
+        # a loader that reads every shard keeps whichever copy it happens to read last
+        twice = [Problem(f"held by more than one shard: {' and '.join(f.name for f in held)}",
+                         model=label, tensor=name)
+                 for name, held in sorted(holders.items()) if len(held) > 1]
+        misplaced: list[Problem] = []
+        if weight_map is not None and not (outside or unreadable):
+            misplaced = [Problem(f"index maps it to {fname}, which does not hold it",
+                                 model=label, tensor=name)
+                         for name, fname in weight_map.items()
+                         if directory / fname not in holders.get(name, [])]
+        problems = [*capped(outside, label), *capped(unreadable, label),
+                    *capped(twice, label), *capped(misplaced, label)]
         if problems:
             return None, problems
         return cls(directory, tensors), []
