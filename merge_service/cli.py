@@ -139,7 +139,7 @@ def cmd_revert(args: argparse.Namespace) -> int:
 
     callback, close = _progress_bar(args.quiet)
     try:
-        result = revert(Path(args.artifact), args.task, Path(args.out).resolve(),
+        result = revert(Path(args.artifact), args.task, args.out,
                         overwrite=args.overwrite, hub=Settings().hub, progress=callback)
     finally:
         close()

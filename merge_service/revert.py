@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from merge_service.engine import MergeResult, Progress, ProgressCallback
-from merge_service.errors import InvalidInputError, Problem
+from merge_service.errors import InvalidInputError, Problem, capped
 from merge_service.preflight import destination_input_problems
 from merge_service.sinks.artifact import Artifact
 from merge_service.sinks.local import LocalDirectorySink, copy_model_files, destination_problems
@@ -28,10 +28,14 @@ from merge_service.sources.resolve import HubOptions, ResolvedSource, resolve_so
 from merge_service.spec import JobSpec, load_spec
 
 
-def revert(artifact_dir: Path, task: str, out: Path, *, overwrite: bool = False,
+def revert(artifact_dir: Path, task: str, out: Path | str, *, overwrite: bool = False,
            hub: HubOptions | None = None, progress: ProgressCallback | None = None,
            shard_bytes: int = 5 * 10**9) -> MergeResult:
-    """Write task `task`'s model, rebuilt from the artifact and its base, to `out`."""
+    """Write task `task`'s model, rebuilt from the artifact and its base, to `out`.
+
+    Every part the model is rebuilt from is checked against the base, from the headers,
+    before anything is written.
+    """
     report = progress or (lambda _p: None)
     started = time.perf_counter()
     artifact = Artifact.open(artifact_dir)
@@ -41,7 +45,13 @@ def revert(artifact_dir: Path, task: str, out: Path, *, overwrite: bool = False,
         if task not in artifact.tasks:
             problems.append(Problem(f"no task {task!r} in the artifact (tasks: "
                                     f"{', '.join(artifact.tasks)})", field="--task"))
-        problems += destination_problems(out, overwrite)
+        # `Path("")` is the working directory, which exists: an empty `--out` is named as such
+        destination = Path(out).resolve() if str(out) else None
+        if destination is None:
+            problems.append(Problem("the destination is empty: give a directory for the "
+                                    "recovered model", field="--out"))
+        else:
+            problems += destination_problems(destination, overwrite)
         try:
             spec = load_spec(artifact_dir / "merge_spec.yaml")
         except InvalidInputError as exc:
@@ -50,19 +60,30 @@ def revert(artifact_dir: Path, task: str, out: Path, *, overwrite: bool = False,
                 for p in exc.problems)]) from None
         base_source, source_problems = resolve_source(spec.base, "base", hub or HubOptions())
         problems += source_problems
-        problems += destination_input_problems(out.resolve(), [("artifact", artifact_dir)] + (
-            [("base", base_source.path)] if base_source is not None else []), overwrite)
+        if destination is not None:
+            problems += destination_input_problems(destination, [("artifact", artifact_dir)] + (
+                [("base", base_source.path)] if base_source is not None else []), overwrite)
         if base_source is not None:
             base, base_problems = Checkpoint.open(base_source.path, "base")
             problems += base_problems
         parts = artifact.parts(task) if task in artifact.tasks else {}
         if base is not None:
-            problems += [Problem("stored in the artifact but not a tensor of the base",
-                                 model="artifact", tensor=name)
-                         for name in sorted(parts) if name not in base.tensors]
-        if problems or base is None or base_source is None:
+            part_problems = []
+            for name in sorted(parts):
+                info = base.tensors.get(name)
+                if info is None:
+                    part_problems.append(Problem("stored in the artifact but not a tensor of "
+                                                 "the base", model="artifact", tensor=name))
+                elif not info.is_float:  # a merge copies such tensors, it never stores them
+                    part_problems.append(Problem(f"stored in the artifact, but the base tensor "
+                                                 f"is {info.dtype}, not floating point",
+                                                 model="artifact", tensor=name))
+                else:
+                    part_problems += artifact.part_problems(name, parts[name], info.shape)
+            problems += capped(part_problems, "artifact")
+        if problems or base is None or base_source is None or destination is None:
             raise InvalidInputError(problems)
-        return _write(artifact, base, base_source, spec, task, parts, out, overwrite,
+        return _write(artifact, base, base_source, spec, task, parts, destination, overwrite,
                       report, shard_bytes, started)
     finally:
         artifact.close()
@@ -87,10 +108,6 @@ def _write(artifact: Artifact, base: Checkpoint, base_source: ResolvedSource, sp
                 # a recovered tensor in the dtype the merge stored its parts in
                 out_dtype = artifact.tensors[next(iter(parts[name].values()))].dtype
                 delta = artifact.task_delta(name, parts[name], work)
-                if delta.shape != value.shape:
-                    raise InvalidInputError(Problem(
-                        f"the recovered delta has shape {list(delta.shape)}, the base tensor "
-                        f"{list(value.shape)}", model="artifact", tensor=name))
                 value = value.to(work).add_(delta).to(out_dtype)
             writer.add(name, value)
         report(Progress("reverting", len(names), len(names), None))

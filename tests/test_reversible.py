@@ -4,6 +4,7 @@ and the CLI: full checkpoints and LoRA adapters, real files, real transformers/p
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -234,7 +235,7 @@ def test_missing_coefficients_file(artifact: Path, tmp_path: Path) -> None:
 
 
 def test_parts_that_do_not_fit(artifact: Path, tmp_path: Path) -> None:
-    """A coefficient vector of the wrong length: found while streaming, nothing written."""
+    """A coefficient vector of the wrong length: found from the headers, nothing written."""
     path = artifact / "coefficients.safetensors"
     tensors = load_file(path)
     key = "layers.1.mlp.down_proj.weight::0::coefficients"
@@ -249,6 +250,80 @@ def test_missing_part(artifact: Path, tmp_path: Path) -> None:
     del tensors["norm.weight::shared::basis"]
     save_file(tensors, path)
     _refused(artifact, tmp_path / "rev", r"norm\.weight.*missing part\(s\) basis")
+
+
+def _rewrite(path: Path, change: Callable[[dict[str, torch.Tensor]], object]) -> None:
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path)
+
+
+UP = "layers.0.mlp.up_proj.weight"  # 16 × 8 in the base; 2 basis directions kept
+
+
+@pytest.mark.parametrize(("file", "change", "message"), [
+    # an integer part would truncate the values (or write the weight as integers)
+    ("coefficients", lambda t: t.update({f"{UP}::0::coefficients": torch.ones(2).long()}),
+     f"artifact / {UP}: part coefficients is stored as torch.int64, expected a floating-point "
+     "dtype"),
+    ("basis", lambda t: t.update({f"{UP}::shared::basis": torch.zeros(2, 8, 16).double()}),
+     f"artifact / {UP}: reversible artifact parts do not fit together: mu [16, 8], basis "
+     "[2, 8, 16], coefficients [2]"),
+    ("basis", lambda t: t.update({f"{UP}::shared::basis": torch.zeros(2, 8, 16).double(),
+                                  f"{UP}::shared::mu": torch.zeros(8, 16).double()}),
+     f"artifact / {UP}: the recovered delta has shape [8, 16] (from basis [2, 8, 16], "
+     "coefficients [2], mu [8, 16]), the base tensor [16, 8]"),
+    ("coefficients", lambda t: t.update({f"{UP}::0::scale": torch.ones(2).double()}),
+     f"artifact / {UP}: reversible artifact has unexpected part(s) scale (found basis, "
+     "coefficients, mu, scale; expected mu, basis, coefficients)"),
+    ("coefficients", lambda t: t.update({f"{UP}::3::coefficients": torch.ones(2).double()}),
+     f"artifact: tensor '{UP}::3::coefficients' has task index '3' (expected 0 to 2 for the "
+     "tasks math, code, poetry, or shared)"),
+    ("coefficients", lambda t: t.update({f"{UP}::x::coefficients": torch.ones(2).double()}),
+     f"artifact: tensor '{UP}::x::coefficients' has task index 'x' (expected 0 to 2"),
+    ("basis", lambda t: t.update({"position_ids::shared::mu": torch.zeros(1, 20).double(),
+                                  "position_ids::shared::basis": torch.zeros(2, 1, 20).double()}),
+     "artifact / position_ids: stored in the artifact, but the base tensor is torch.int64, not "
+     "floating point"),
+], ids=["integer", "misfit", "wrong-shape", "unknown-part", "task-index", "task-index-x",
+        "integer-base"])
+def test_damaged_parts_are_refused_before_writing(
+        artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], file: str,
+        change: Callable[[dict[str, torch.Tensor]], object], message: str) -> None:
+    """Every part's dtype and shape is checked against the base from the headers: exit 1,
+    a message naming the tensor and the part, nothing written (a wrong shape was a
+    RuntimeError, exit 2; an integer part was accepted)."""
+    _rewrite(artifact / f"{file}.safetensors", change)
+    code = main(["revert", str(artifact), "--task", "math", "--out", str(tmp_path / "rev")])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert message in err, err
+    assert_nothing_written(tmp_path / "rev")
+
+
+def test_problems_with_parts_are_capped(artifact: Path, tmp_path: Path) -> None:
+    _rewrite(artifact / "coefficients.safetensors",
+             lambda t: t.update({f"ghost.{i:02d}::0::coefficients": torch.ones(2).double()
+                                 for i in range(25)}))
+    with pytest.raises(InvalidInputError) as info:
+        revert(artifact, "math", tmp_path / "rev")
+    assert [p.tensor for p in info.value.problems[:20]] == [f"ghost.{i:02d}" for i in range(20)]
+    assert [str(p) for p in info.value.problems[20:]] == ["artifact: ... and 5 more problems"]
+    assert_nothing_written(tmp_path / "rev")
+
+
+def test_an_empty_out_is_named_as_such(artifact: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--out ''` is not the working directory (which exists)."""
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = main(["revert", str(artifact), "--task", "math", "--out", ""])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err == "error: --out: the destination is empty: give a directory for the recovered " \
+                  "model\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 def test_non_finite_values_in_the_basis(artifact: Path, tmp_path: Path) -> None:

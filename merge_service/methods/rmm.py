@@ -175,12 +175,16 @@ class Rmm(MergeMethod[RmmParams]):
     @classmethod
     def reconstruct(cls, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """`τ̂_t = μ + Σ_j c_tj Φ_j` from the parts `mu`, `basis` (k × shape) and this task's
-        `coefficients` (k)."""
+        `coefficients` (k). Any other part is refused."""
+        found = f"found {', '.join(sorted(parts)) or 'none'}; expected mu, basis, coefficients"
+        unexpected = sorted(parts.keys() - {"mu", "basis", "coefficients"})
+        if unexpected:
+            raise InvalidInputError(Problem(
+                f"reversible artifact has unexpected part(s) {', '.join(unexpected)} ({found})"))
         missing = [key for key in ("mu", "basis", "coefficients") if key not in parts]
         if missing:
             raise InvalidInputError(Problem(
-                f"reversible artifact is missing part(s) {', '.join(missing)} (found "
-                f"{', '.join(sorted(parts)) or 'none'}; expected mu, basis, coefficients)"))
+                f"reversible artifact is missing part(s) {', '.join(missing)} ({found})"))
         mu, basis, coefficients = parts["mu"], parts["basis"], parts["coefficients"]
         if coefficients.dim() != 1 or basis.shape != (coefficients.numel(), *mu.shape):
             raise InvalidInputError(Problem(

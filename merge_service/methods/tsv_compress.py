@@ -69,12 +69,23 @@ class TsvCompress(MergeMethod[TsvCompressParams]):
 
     @classmethod
     def reconstruct(cls, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        """`U diag(σ) Vᵀ` from the parts `U`, `S`, `V`, or the stored `delta`."""
+        """`U diag(σ) Vᵀ` from the parts `U` (m × k), `S` (k), `V` (n × k), or the stored
+        `delta`. Any other set of parts is refused, as are parts that do not fit together."""
+        found = f"found {', '.join(sorted(parts)) or 'none'}; expected U, S, V or delta"
+        unexpected = sorted(parts.keys() - ({"delta"} if "delta" in parts else {"U", "S", "V"}))
+        if unexpected:
+            raise InvalidInputError(Problem(
+                f"compressed artifact has unexpected part(s) {', '.join(unexpected)} ({found})"))
         if "delta" in parts:
             return parts["delta"]
         missing = [key for key in ("U", "S", "V") if key not in parts]
         if missing:
             raise InvalidInputError(Problem(
-                f"compressed artifact is missing part(s) {', '.join(missing)} "
-                f"(found {', '.join(sorted(parts)) or 'none'}; expected U, S, V or delta)"))
-        return (parts["U"] * parts["S"]) @ parts["V"].mT
+                f"compressed artifact is missing part(s) {', '.join(missing)} ({found})"))
+        u, s, v = parts["U"], parts["S"], parts["V"]
+        if u.dim() != 2 or s.dim() != 1 or v.dim() != 2 \
+                or not u.shape[1] == s.shape[0] == v.shape[1]:
+            raise InvalidInputError(Problem(
+                f"compressed artifact parts do not fit together: U {list(u.shape)}, S "
+                f"{list(s.shape)}, V {list(v.shape)} (expected U [m, k], S [k], V [n, k])"))
+        return (u * s) @ v.mT

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from merge_service.errors import CorruptTensorError, InvalidInputError, Problem
+from merge_service.errors import CorruptTensorError, InvalidInputError, Problem, capped
 from merge_service.methods import MergeMethod, get_method_class
 from merge_service.sinks.report import write_json
 from merge_service.sinks.safetensors_writer import ShardedSafetensorsWriter
@@ -90,7 +90,8 @@ class Artifact:
     @classmethod
     def open(cls, directory: Path) -> Artifact:
         """Read `tasks.json` and every file's header; raise `InvalidInputError` with every
-        problem found (not an artifact, unknown method, missing or corrupt files)."""
+        problem found (not an artifact, unknown method, missing or corrupt files, tensors no
+        task's revert would use)."""
         not_artifact = InvalidInputError(Problem(
             f"{directory} is not a compressed or reversible artifact (no valid {MANIFEST})",
             model="artifact"))
@@ -119,13 +120,22 @@ class Artifact:
             if checkpoint is not None:
                 opened.append(checkpoint)
         artifact = cls(directory, fmt, method, tasks, manifest, opened)
+        indexes = {SHARED, *map(str, range(len(tasks)))}
+        misnamed = []
         for checkpoint in opened:
             for key, info in checkpoint.tensors.items():
                 if key.count("::") < 2:
-                    problems.append(Problem(f"tensor {key!r} is not named "
+                    misnamed.append(Problem(f"tensor {key!r} is not named "
                                             "'tensor::task::part'", model="artifact"))
+                elif key.rsplit("::", 2)[1] not in indexes:
+                    # a part no task's revert would use: a damaged or foreign artifact
+                    misnamed.append(Problem(
+                        f"tensor {key!r} has task index {key.rsplit('::', 2)[1]!r} (expected "
+                        f"0 to {len(tasks) - 1} for the tasks {', '.join(tasks)}, or {SHARED})",
+                        model="artifact"))
                 artifact.tensors[key] = info
                 artifact._owner[key] = checkpoint
+        problems += capped(misnamed, "artifact")
         if problems:
             artifact.close()
             raise InvalidInputError(problems)
@@ -152,11 +162,41 @@ class Artifact:
                 counts[info.dtype] += info.numel
         return max(counts, key=counts.__getitem__) if counts else None
 
+    def part_problems(self, tensor: str, keys: Mapping[str, str], shape: tuple[int, ...]
+                      ) -> list[Problem]:
+        """What is wrong with one task's parts of `tensor`, from the headers alone: a part
+        that is not floating point (its values would be truncated, or the weight written as
+        integers), parts the method does not take or that do not fit together, a delta of
+        another shape than the base tensor's `shape`. Checked before anything is written."""
+        infos = {part: self.tensors[key] for part, key in sorted(keys.items())}
+        problems = [Problem(f"part {part} is stored as {info.dtype}, expected a floating-point "
+                            "dtype", model="artifact", tensor=tensor)
+                    for part, info in infos.items() if not info.is_float]
+        try:  # the reconstruction on meta tensors: shapes only, nothing read or computed
+            delta = self._rebuild(tensor, {part: torch.empty(info.shape, device="meta")
+                                           for part, info in infos.items()})
+        except InvalidInputError as exc:
+            return problems + exc.problems
+        if delta.shape != shape:
+            listing = ", ".join(f"{part} {list(info.shape)}" for part, info in infos.items())
+            problems.append(Problem(f"the recovered delta has shape {list(delta.shape)} (from "
+                                    f"{listing}), the base tensor {list(shape)}",
+                                    model="artifact", tensor=tensor))
+        return problems
+
     def task_delta(self, tensor: str, keys: Mapping[str, str], dtype: torch.dtype
                    ) -> torch.Tensor:
-        """One task's delta of `tensor` in `dtype`: the method's reconstruction from its
-        parts, mapped back from core space when `u_b`/`v_a` are stored."""
-        parts = {part: self.get(key).to(dtype) for part, key in keys.items()}
+        """One task's delta of `tensor` in `dtype`, from parts `part_problems` passed."""
+        delta = self._rebuild(tensor, {part: self.get(key).to(dtype)
+                                       for part, key in keys.items()})
+        if not bool(torch.isfinite(delta).all()):
+            raise CorruptTensorError(Problem("the recovered delta holds NaN or Inf values",
+                                             model="artifact", tensor=tensor))
+        return delta
+
+    def _rebuild(self, tensor: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The method's reconstruction from `parts`, mapped back from core space when
+        `u_b`/`v_a` are stored."""
         core = {part: parts.pop(part) for part in CORE_PARTS if part in parts}
         try:
             delta = self.method.reconstruct(parts)
@@ -175,9 +215,6 @@ class Artifact:
         except InvalidInputError as exc:
             raise InvalidInputError([Problem(p.message, model="artifact", tensor=tensor)
                                      for p in exc.problems]) from None
-        if not bool(torch.isfinite(delta).all()):
-            raise CorruptTensorError(Problem("the recovered delta holds NaN or Inf values",
-                                             model="artifact", tensor=tensor))
         return delta
 
     def close(self) -> None:

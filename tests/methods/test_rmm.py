@@ -263,3 +263,6 @@ def test_reconstruct_names_missing_and_misfitting_parts() -> None:
     with pytest.raises(InvalidInputError, match="do not fit"):
         Rmm.reconstruct({"mu": torch.zeros(3), "basis": torch.zeros(1, 4),
                          "coefficients": torch.zeros(1)})
+    with pytest.raises(InvalidInputError, match=r"unexpected part\(s\) U \(found U, basis"):
+        Rmm.reconstruct({"mu": torch.zeros(3), "basis": torch.zeros(1, 3),
+                         "coefficients": torch.zeros(1), "U": torch.zeros(3)})

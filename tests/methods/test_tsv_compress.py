@@ -93,6 +93,16 @@ def test_non_matrix_deltas_are_stored_whole(shape: tuple[int, ...], name: str) -
         assert torch.equal(TsvCompress.reconstruct(parts), tau)
 
 
-def test_reconstruct_names_missing_parts() -> None:
-    with pytest.raises(InvalidInputError, match="missing part"):
-        TsvCompress.reconstruct({"U": torch.zeros(2, 1), "S": torch.zeros(1)})
+@pytest.mark.parametrize(("parts", "message"), [
+    ({"U": (2, 1), "S": (1,)}, r"missing part\(s\) V \(found S, U; expected U, S, V or delta\)"),
+    ({"U": (2, 1), "S": (1,), "V": (3, 1), "W": (1,)}, r"unexpected part\(s\) W \(found S, U"),
+    ({"delta": (2, 3), "S": (1,)}, r"unexpected part\(s\) S \(found S, delta"),
+    ({"U": (2, 1), "S": (2,), "V": (3, 1)},
+     r"do not fit together: U \[2, 1\], S \[2\], V \[3, 1\] \(expected U \[m, k\]"),
+    ({"U": (2, 1), "S": (1,), "V": (3,)}, "do not fit together"),
+    ({"U": (2, 1), "S": (1, 1), "V": (3, 1)}, "do not fit together"),
+])
+def test_reconstruct_refuses_parts_that_are_not_a_factorization(
+        parts: dict[str, tuple[int, ...]], message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        TsvCompress.reconstruct({name: torch.zeros(shape) for name, shape in parts.items()})
