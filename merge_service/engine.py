@@ -583,7 +583,8 @@ def _cast_output(p: PreparedMerge, name: str, tensor: torch.Tensor, merged: bool
         return tensor.to("cpu")
     out = tensor.to("cpu", dtype)
     # a sum is finite when every entry is; only a non-finite sum pays for the entry-wise check
-    if merged and not bool(torch.isfinite(out.sum(dtype=torch.float64))) \
+    # (a sum in another dtype would first copy the whole tensor into it)
+    if merged and not bool(torch.isfinite(out.sum())) \
             and not bool(torch.isfinite(out).all()):
         raise NonFiniteResultError(Problem(
             f"the merged value overflows to Inf or NaN in {str(dtype).removeprefix('torch.')} "
