@@ -254,11 +254,13 @@ def prepare(spec: JobSpec, *, overwrite: bool = False, hub: HubOptions | None = 
 
 def run_merge(spec: JobSpec, *, overwrite: bool = False, hub: HubOptions | None = None,
               progress: ProgressCallback | None = None,
-              should_cancel: CancelCheck | None = None) -> MergeResult:
+              should_cancel: CancelCheck | None = None,
+              job_id: str | None = None) -> MergeResult:
     """Validate, merge and write `spec`. The CLI, the workers and the tests all call this.
 
     With Hub sources, every problem is found on their headers first (`weights=False`), so
-    that a spec that fails preflight never downloads a weight."""
+    that a spec that fails preflight never downloads a weight. `job_id` (the service's) is
+    written into merge_report.json: a rerun of the job tells its own output by it."""
     hub = hub or HubOptions()
     sources = [spec.base, *(m.source for m in spec.models)]
     if hub.headers_dir is not None and not all(looks_local(s) for s in sources):
@@ -268,14 +270,15 @@ def run_merge(spec: JobSpec, *, overwrite: bool = False, hub: HubOptions | None 
                        should_cancel=should_cancel)
     try:
         return execute(prepared, overwrite=overwrite, progress=progress,
-                       should_cancel=should_cancel)
+                       should_cancel=should_cancel, job_id=job_id)
     finally:
         prepared.close()
 
 
 def execute(prepared: PreparedMerge, *, overwrite: bool = False,
             progress: ProgressCallback | None = None,
-            should_cancel: CancelCheck | None = None) -> MergeResult:
+            should_cancel: CancelCheck | None = None,
+            job_id: str | None = None) -> MergeResult:
     report = progress or (lambda _p: None)
     cancelled = should_cancel or (lambda: False)
     p = prepared
@@ -344,6 +347,8 @@ def execute(prepared: PreparedMerge, *, overwrite: bool = False,
                    "finalize_s": time.perf_counter() - started - merge_s}
         timings["total_s"] = sum(timings.values())
         full_report = _report(p, tensor_report, timings, out)
+        if job_id is not None:
+            full_report["job_id"] = job_id
         if whole is not None:
             full_report[p.method.name] = whole.report
         write_json(tmp / "merge_report.json", full_report)

@@ -16,9 +16,9 @@ writes nothing.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import shutil
 import threading
 from functools import cache
 from pathlib import Path
@@ -27,6 +27,7 @@ from typing import Any
 from merge_service.engine import Progress, run_merge
 from merge_service.errors import InvalidInputError, MergeCancelled, MergeServiceError
 from merge_service.settings import Settings
+from merge_service.sinks.local import remove_partials_of
 from workers.jobs import (
     ACTIVE,
     TERMINAL,
@@ -170,9 +171,9 @@ def run_job(job_id: str, *, worker: str) -> str:
         # finished; a dead one's is removed now (a model's worth of disk)
         earlier_alive = attempt > 1 and attempt_may_run(earlier, worker, store, interval)
         if attempt > 1 and not earlier_alive:
-            remove_partial_outputs(record)
+            remove_attempt_outputs(record, earlier, worker)
         return merge(store, record, settings, heartbeat, rerun=attempt > 1,
-                     clean_up_after=earlier_alive)
+                     earlier=earlier if earlier_alive else None)
     finally:
         heartbeat.stop()
         store.release_lock(job_id, owner)
@@ -197,20 +198,24 @@ def attempt_may_run(owner: str | None, worker: str, store: JobStore, interval: f
 
 
 def merge(store: JobStore, record: JobRecord, settings: Settings, heartbeat: LockHeartbeat,
-          *, rerun: bool, clean_up_after: bool = False) -> str:
+          *, rerun: bool, earlier: str | None = None) -> str:
+    """Run the job's merge. `earlier`: the owner of a previous attempt that may still run
+    (stalled): its temporary output is removed once this attempt has ended."""
     job_id, owner = record.id, heartbeat.owner
     reporter = ProgressReporter(store, heartbeat)
     lost = "lock lost; the job is left to whoever holds it"
+    worker = owner.rpartition(":")[0]
     try:
         # a rerun may replace the output of its own interrupted attempt, which could have
-        # been moved into place just before the worker died
+        # been moved into place just before the worker died; never another job's
         try:
             hub = settings.hub_for(store.internal(job_id)["hub_secret"])
-            result = run_merge(record.spec, overwrite=rerun, hub=hub,
-                               progress=reporter, should_cancel=heartbeat.should_cancel)
+            result = run_merge(record.spec, overwrite=rerun and written_by(record), hub=hub,
+                               progress=reporter, should_cancel=heartbeat.should_cancel,
+                               job_id=job_id)
         finally:
-            if clean_up_after and heartbeat.owned():  # before the job is seen to end
-                remove_partial_outputs(record)
+            if earlier is not None and heartbeat.owned():  # before the job is seen to end
+                remove_attempt_outputs(record, earlier, worker)
     except MergeCancelled as exc:
         if not heartbeat.owned():
             return lost
@@ -263,14 +268,26 @@ def fail(store: JobStore, job_id: str, error: JobError, owner: str | None = None
                      error=error.model_dump(mode="json"))
 
 
-def remove_partial_outputs(record: JobRecord) -> None:
-    """Temporary siblings an interrupted attempt left beside a local destination."""
+def written_by(record: JobRecord) -> bool:
+    """Whether the job's local destination holds this very job's output (`job_id` in its
+    merge_report.json): an attempt that committed it and died before recording success. Only
+    that output may a rerun replace; another job's, written there meanwhile, stays."""
     destination = record.spec.output.destination
-    if not destination or destination.startswith("hub://"):
+    if not destination or destination.startswith("hub://"):  # staged afresh for every run
+        return False
+    try:
+        report = json.loads((Path(destination) / "merge_report.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and report.get("job_id") == record.id
+
+
+def remove_attempt_outputs(record: JobRecord, attempt: str | None, worker: str) -> None:
+    """The temporary output an earlier attempt (`attempt` = its owner, `worker:pid`) left
+    beside a local destination; other merges' temporaries there stay."""
+    destination = record.spec.output.destination
+    if attempt is None or not destination or destination.startswith("hub://"):
         return
-    path = Path(destination)
-    if not path.parent.is_dir():
-        return
-    for leftover in path.parent.glob(f".{path.name}.partial-*"):
-        log.info("job %s: removing %s left by an interrupted attempt", record.id, leftover)
-        shutil.rmtree(leftover, ignore_errors=True)
+    name, _, pid = attempt.rpartition(":")
+    if pid.isdigit():
+        remove_partials_of(Path(destination), int(pid), this_host=name == worker)

@@ -92,6 +92,24 @@ def _sibling(destination: Path, kind: str) -> Path:
                                  f"{uuid.uuid4().hex[:8]}")
 
 
+def remove_partials_of(destination: Path, pid: int, this_host: bool) -> None:
+    """Remove the temporary outputs beside `destination` of the merge process `pid` (on this
+    host when `this_host`, on whichever otherwise): an attempt known to be dead or abandoned.
+    The temporaries of other merges to the same destination, running ones too, stay."""
+    prefix = f".{destination.name}.partial-"
+    try:
+        entries = list(destination.parent.iterdir())
+    except OSError:
+        return
+    for path in entries:
+        if not path.name.startswith(prefix):
+            continue
+        tag, _, rest = path.name.removeprefix(prefix).partition("-")
+        if rest.split("-")[0] == str(pid) and (not this_host or tag == _host_tag()):
+            log.info("removing %s, left by an interrupted attempt", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _owner_alive(path: Path, kind: str, destination: Path) -> bool | None:
     """Whether the process named in the sibling runs; None when this host cannot tell."""
     parts = path.name.removeprefix(f".{destination.name}.{kind}-").split("-")

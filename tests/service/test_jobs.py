@@ -25,6 +25,7 @@ import torch
 from api.client import ServiceClient, parse_sse
 from merge_service.engine import run_merge
 from merge_service.errors import PreflightError
+from merge_service.sinks.local import LocalDirectorySink
 from merge_service.spec import JobSpec, spec_from_dict
 from tests.conftest import assert_nothing_written, leftovers, read_tensors
 from tests.service.conftest import (
@@ -296,6 +297,45 @@ def test_a_dead_child_s_leftovers_go_before_the_rerun(service: Service, minilm_i
     assert len(leftovers(destination)) <= 1  # the rerun's own, if it has begun writing
     assert service.wait_terminal(job["id"]).status == "succeeded"
     assert leftovers(destination) == []
+
+
+@pytest.mark.parametrize("whose", ["this job's", "another job's"])
+def test_a_rerun_replaces_only_its_own_output_and_removes_only_its_own_leftovers(
+        service: Service, minilm_inputs: Inputs, tmp_path: Path, whose: str) -> None:
+    """The rerun of a job whose child died finds the destination written: it replaces the
+    output only if this job wrote it (an attempt that committed, then died before recording
+    success), never one another job wrote meanwhile. And of the temporaries beside the
+    destination it removes the dead attempt's, not those of a merge still running there."""
+    destination = tmp_path / "merged"
+    job = submit(service, slow_spec(minilm_inputs, destination))
+    store = service.store
+
+    def merging(attempt: int) -> bool:
+        record = store.get(job["id"])
+        return record is not None and record.status == "running" and record.progress.done > 0 \
+            and store.internal(job["id"])["attempts"] == attempt
+
+    wait_for(lambda: merging(1), timeout=120, interval=0.02, what="the merge to start")
+    with LocalDirectorySink(destination) as running:  # another merge there, still writing
+        owner = store.lock_owner(job["id"])
+        assert owner is not None
+        os.kill(int(owner.rpartition(":")[2]), signal.SIGKILL)
+        destination.mkdir()  # what the rerun will find there (before its lock can expire)
+        report = {"job_id": job["id"] if whose == "this job's" else "0" * 20}
+        (destination / "merge_report.json").write_text(json.dumps(report))
+        record = service.wait_terminal(job["id"])
+        assert running.is_dir()
+        assert leftovers(destination) == [running.name]
+    assert store.internal(job["id"])["attempts"] == 2
+    written = json.loads((destination / "merge_report.json").read_text())
+    if whose == "this job's":
+        assert record.status == "succeeded", record.error
+        assert written["job_id"] == job["id"] and written["method"]["name"] == "dare_ties"
+    else:
+        assert record.status == "failed" and record.error is not None
+        assert record.error.type == "PreflightError"
+        assert f"destination {destination} already exists" in record.error.message
+        assert written == report  # the other job's output, untouched
 
 
 # --- a worker's writes are tied to its lock; no job stays queued for good ----------------------
