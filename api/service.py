@@ -28,6 +28,7 @@ from merge_service.settings import Settings
 from merge_service.spec import JobSpec
 from workers.celery_app import RUN_JOB
 from workers.jobs import (
+    ACTIVE,
     TERMINAL,
     IdempotencyClaim,
     IdempotencyConflict,
@@ -192,8 +193,13 @@ class JobService:
         if record.status in TERMINAL:
             raise Conflict(f"job {job_id} has already {record.status}")
         self.store.request_cancel(job_id)
-        # still queued: cancelled now (a worker that picks it up later sees that and skips it)
-        self.store.transition(job_id, "cancelled", {"queued"}, finished_at=timestamp())
+        # still queued, or active with no worker holding it (its worker died; the requeue
+        # would wait for a live one): cancelled now. A worker that gets it later skips it;
+        # one that holds it stops at its next check.
+        if self.store.transition(job_id, "cancelled", {"queued"},
+                                 finished_at=timestamp()) is None:
+            self.store.transition(job_id, "cancelled", ACTIVE, unlocked=True,
+                                  finished_at=timestamp())
         return self.get(job_id)
 
     def retry(self, job_id: str, principal: Principal) -> JobRecord:

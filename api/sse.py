@@ -36,7 +36,8 @@ _EVENT_ID = re.compile(r"^\d+-\d+$")
 def check_event_id(value: str | None) -> str:
     if value is None or value == "":
         return "0-0"
-    if not _EVENT_ID.match(value):
+    if not _EVENT_ID.match(value) or any(int(part) >= 2**64
+                                         for part in value.split("-")):  # Redis's range
         raise BadRequest(f"Last-Event-ID must be a stream id such as 1700000000000-0, got "
                          f"{value[:40]!r}")
     return value
@@ -49,10 +50,14 @@ async def job_events(client: aioredis.Redis, store: JobStore, job_id: str, after
     cursor = after
     try:
         while True:
-            answer = await client.xread({key: cursor}, count=500, block=KEEPALIVE_MS)
+            # a job that has ended gets its remaining events without waiting for more (its
+            # final state event is written with its status: a wait would only wait it out)
+            status = await client.hget(store.job_key(job_id), "status")
+            ended = status is None or json.loads(status) in TERMINAL
+            answer = await client.xread({key: cursor}, count=500,
+                                        block=None if ended else KEEPALIVE_MS)
             if not answer:
-                status = await client.hget(store.job_key(job_id), "status")
-                if status is None or json.loads(status) in TERMINAL:
+                if ended:
                     return  # finished before this connection, and nothing more after `after`
                 yield ": keepalive\n\n"
                 continue

@@ -334,17 +334,19 @@ class JobStore:
     # state changes
 
     def transition(self, job_id: str, to: str, allowed_from: frozenset[str] | set[str],
-                   *, owner: str | None = None, **fields: Any) -> JobRecord | None:
+                   *, owner: str | None = None, unlocked: bool = False,
+                   **fields: Any) -> JobRecord | None:
         """Atomically move a job to status `to` (if its status is in `allowed_from` and, with
-        `owner`, the job's lock is still `owner`'s), set `fields` and publish a state event.
-        Returns the new record, or None if refused."""
-        key = self.job_key(job_id)
+        `owner`, the job's lock is still `owner`'s; with `unlocked`, no worker holds it), set
+        `fields` and publish a state event. Returns the new record, or None if refused."""
+        key, lock = self.job_key(job_id), self._lock_key(job_id)
         outcome: dict[str, Any] = {}
 
         def change(pipe: redis.client.Pipeline) -> None:
             raw = pipe.hgetall(key)
             if not raw or json.loads(raw["status"]) not in allowed_from or (
-                    owner is not None and pipe.get(self._lock_key(job_id)) != owner):
+                    owner is not None and pipe.get(lock) != owner) or (
+                    unlocked and pipe.exists(lock)):
                 outcome.clear()
                 return
             current = json.loads(raw["status"])
@@ -358,7 +360,7 @@ class JobStore:
             self._add_event(pipe, job_id, "state", _state_data(record))
             outcome["record"] = record
 
-        self.r.transaction(change, key, *([self._lock_key(job_id)] if owner else []))
+        self.r.transaction(change, key, *([lock] if owner or unlocked else []))
         record = outcome.get("record")
         return JobRecord.model_validate(record) if record else None
 

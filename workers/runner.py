@@ -234,15 +234,16 @@ def merge(store: JobStore, record: JobRecord, settings: Settings, heartbeat: Loc
         if not heartbeat.owned():
             log.info("job %s: %s (%s)", job_id, lost, type(exc).__name__)
             return lost
-        if type(exc).__name__ == "SoftTimeLimitExceeded":
+        if time_limit_hit(exc):
             fail(store, job_id, JobError(
                 type="TimeLimitExceeded", message=f"the job ran longer than "
                 f"MERGE_SERVICE_MAX_JOB_SECONDS ({settings.max_job_seconds} s)"), owner=owner)
             return "failed: time limit"
         log.exception("job %s failed", job_id)  # the full traceback: in the worker log only
         last = reporter.last
+        # what the job was at: a tensor while merging, the repo while pushing
         details: dict[str, Any] | None = \
-            {"stage": last.stage, "tensor": last.current} if last else None
+            {"stage": last.stage, "current": last.current} if last else None
         if not isinstance(exc, MergeServiceError):
             details = {**(details or {}), "unexpected": True}
         message = str(exc).strip() or type(exc).__name__
@@ -260,6 +261,17 @@ def merge(store: JobStore, record: JobRecord, settings: Settings, heartbeat: Loc
                                          ).model_dump(mode="json")) is None:
         return lost
     return "succeeded"
+
+
+def time_limit_hit(exc: BaseException) -> bool:
+    """Celery's soft time limit, raised as it is or as the cause of a failure it made (a Hub
+    push that it interrupted is a HubPushError caused by it)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if type(seen).__name__ == "SoftTimeLimitExceeded":
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def fail(store: JobStore, job_id: str, error: JobError, owner: str | None = None) -> None:

@@ -296,11 +296,20 @@ def test_invalid_query_parameters_are_422(client: TestClient) -> None:
     assert fields == {"query.status", "query.limit"}
 
 
+@pytest.mark.parametrize("event_id", ["abc", "18446744073709551616-0", "1-18446744073709551616"])
 def test_invalid_last_event_id_is_a_400(client: TestClient, minilm_inputs: Inputs,
-                                        tmp_path: Path) -> None:
+                                        tmp_path: Path, event_id: str) -> None:
+    """Out of Redis's range too: a 200 with "unavailable" would have the browser reconnect
+    with it forever."""
     job = client.post("/v1/jobs", json=spec_body(minilm_inputs, tmp_path / "o")).json()
-    response = client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "abc"})
-    assert response.status_code == 400
+    for path in (f"/v1/jobs/{job['id']}/events", "/v1/events"):
+        response = client.get(path, headers={"Last-Event-ID": event_id})
+        assert response.status_code == 400, path
+        assert error(response)["type"] == "BadRequest"
+    client.post(f"/v1/jobs/{job['id']}/cancel")  # ended: its stream ends after the replay
+    largest = client.get(f"/v1/jobs/{job['id']}/events",  # in range: a valid, late id
+                         headers={"Last-Event-ID": f"{2**64 - 1}-{2**64 - 1}"})
+    assert largest.status_code == 200
 
 
 def test_unknown_route_has_the_error_shape(client: TestClient) -> None:
@@ -432,6 +441,25 @@ def test_cancel_a_queued_job_then_retry_it(client: TestClient, store: JobStore,
     events = [json.loads(line[6:]) for line in response.text.splitlines()
               if line.startswith("data: ")]
     assert [e["status"] for e in events] == ["queued", "cancelled"]
+
+
+def test_cancel_of_a_job_whose_worker_died_ends_it_at_once(
+        client: TestClient, store: JobStore, minilm_inputs: Inputs, tmp_path: Path) -> None:
+    """Running, and no worker holds its lock (the worker died): nothing would act on the
+    cancel until a worker came back, so it is cancelled now. With the lock held, the worker
+    is asked and the job stays running until it stops."""
+    held = client.post("/v1/jobs", json=spec_body(minilm_inputs, tmp_path / "a")).json()
+    orphan = client.post("/v1/jobs", json=spec_body(minilm_inputs, tmp_path / "b")).json()
+    for job in (held, orphan):
+        assert store.transition(job["id"], "running", {"queued"}) is not None
+    assert store.acquire_lock(held["id"], "w1:123", ttl_s=60)
+    answer = client.post(f"/v1/jobs/{orphan['id']}/cancel")
+    assert answer.status_code == 202
+    assert answer.json()["status"] == "cancelled" and answer.json()["finished_at"]
+    answer = client.post(f"/v1/jobs/{held['id']}/cancel")
+    assert answer.status_code == 202
+    assert answer.json()["status"] == "running"
+    assert store.cancel_requested(held["id"])
 
 
 def test_queue_routing(client: TestClient, store: JobStore, minilm_inputs: Inputs,

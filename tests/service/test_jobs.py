@@ -537,6 +537,27 @@ def worker_side(redis_server: EmbeddedRedis, tmp_path: Path, monkeypatch: pytest
     return store
 
 
+def test_the_soft_time_limit_is_named_also_where_it_interrupted_a_push() -> None:
+    """Celery raises it inside whatever runs: in the Hub client it becomes the cause of a
+    HubPushError, which must still fail the job as TimeLimitExceeded, not as a push error."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from merge_service.errors import HubPushError
+    from workers.runner import time_limit_hit
+
+    def push() -> None:
+        try:
+            raise SoftTimeLimitExceeded()
+        except Exception as exc:
+            raise HubPushError("cannot push to Hub repo acme/x: SoftTimeLimitExceeded()") from exc
+
+    with pytest.raises(HubPushError) as pushed:
+        push()
+    assert time_limit_hit(pushed.value)
+    assert time_limit_hit(SoftTimeLimitExceeded())
+    assert not time_limit_hit(HubPushError("cannot push to Hub repo acme/x: 500"))
+
+
 def test_the_hard_time_limit_fails_only_the_killed_child_s_own_attempt(
         worker_side: JobStore, minilm_inputs: Inputs, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
