@@ -274,6 +274,13 @@ def test_a_killed_worker_s_job_is_finished_by_another(
             assert ours == theirs, name
 
 
+def merging(store: JobStore, job_id: str, attempt: int) -> bool:
+    """The job's attempt number `attempt` is merging tensors."""
+    record = store.get(job_id)
+    return record is not None and record.status == "running" and record.progress.done > 0 \
+        and store.internal(job_id)["attempts"] == attempt
+
+
 def test_a_dead_child_s_leftovers_go_before_the_rerun(service: Service, minilm_inputs: Inputs,
                                                       tmp_path: Path) -> None:
     """The pool child running a job dies (the OOM killer, say) while its worker lives on: the
@@ -282,18 +289,14 @@ def test_a_dead_child_s_leftovers_go_before_the_rerun(service: Service, minilm_i
     destination = tmp_path / "merged"
     job = submit(service, slow_spec(minilm_inputs, destination))
     store = service.store
-
-    def merging(attempt: int) -> bool:
-        record = store.get(job["id"])
-        return record is not None and record.status == "running" and record.progress.done > 0 \
-            and store.internal(job["id"])["attempts"] == attempt
-
-    wait_for(lambda: merging(1), timeout=120, interval=0.02, what="the merge to start")
+    wait_for(lambda: merging(store, job["id"], 1), timeout=120, interval=0.02,
+             what="the merge to start")
     owner = store.lock_owner(job["id"])
     assert owner is not None
     os.kill(int(owner.rpartition(":")[2]), signal.SIGKILL)  # the child alone
     assert len(leftovers(destination)) == 1
-    wait_for(lambda: merging(2), timeout=120, interval=0.02, what="the rerun to merge")
+    wait_for(lambda: merging(store, job["id"], 2), timeout=120, interval=0.02,
+             what="the rerun to merge")
     assert len(leftovers(destination)) <= 1  # the rerun's own, if it has begun writing
     assert service.wait_terminal(job["id"]).status == "succeeded"
     assert leftovers(destination) == []
@@ -309,13 +312,8 @@ def test_a_rerun_replaces_only_its_own_output_and_removes_only_its_own_leftovers
     destination = tmp_path / "merged"
     job = submit(service, slow_spec(minilm_inputs, destination))
     store = service.store
-
-    def merging(attempt: int) -> bool:
-        record = store.get(job["id"])
-        return record is not None and record.status == "running" and record.progress.done > 0 \
-            and store.internal(job["id"])["attempts"] == attempt
-
-    wait_for(lambda: merging(1), timeout=120, interval=0.02, what="the merge to start")
+    wait_for(lambda: merging(store, job["id"], 1), timeout=120, interval=0.02,
+             what="the merge to start")
     with LocalDirectorySink(destination) as running:  # another merge there, still writing
         owner = store.lock_owner(job["id"])
         assert owner is not None
