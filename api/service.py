@@ -193,13 +193,11 @@ class JobService:
         if record.status in TERMINAL:
             raise Conflict(f"job {job_id} has already {record.status}")
         self.store.request_cancel(job_id)
-        # still queued, or active with no worker holding it (its worker died; the requeue
-        # would wait for a live one): cancelled now. A worker that gets it later skips it;
-        # one that holds it stops at its next check.
-        if self.store.transition(job_id, "cancelled", {"queued"},
-                                 finished_at=timestamp()) is None:
-            self.store.transition(job_id, "cancelled", ACTIVE, unlocked=True,
-                                  finished_at=timestamp())
+        # no worker holds it (still queued, or its worker died and the requeue would wait
+        # for a live one): cancelled now; a worker that gets it later skips it. One that
+        # holds it stops at its next check.
+        self.store.transition(job_id, "cancelled", {"queued", *ACTIVE}, unlocked=True,
+                              finished_at=timestamp())
         return self.get(job_id)
 
     def retry(self, job_id: str, principal: Principal) -> JobRecord:
