@@ -28,8 +28,10 @@ from __future__ import annotations
 import builtins
 import hashlib
 import json
+import os
 import re
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -104,9 +106,28 @@ class JobEvent(BaseModel):
     data: dict[str, Any]
 
 
+_last_id = [0, 0, 0]  # (pid, milliseconds, suffix) of this process's latest id
+_id_lock = threading.Lock()
+
+
 def new_job_id() -> str:
-    """20 hex digits: milliseconds since the epoch (12) then randomness (8); sorts by time."""
-    return f"{int(time.time() * 1000):012x}{secrets.token_hex(4)}"
+    """20 hex digits: milliseconds since the epoch (12) then a suffix (8); sorts by time.
+
+    The suffix is random, except for ids this process makes within one millisecond (or after
+    the clock stepped back): those take the one before's plus one, so that listing newest
+    first shows a client's jobs in the order it submitted them (as a monotonic ULID does). A
+    forked child starts from a random suffix of its own, never from its parent's."""
+    ms, pid = int(time.time() * 1000), os.getpid()
+    with _id_lock:
+        last_pid, last_ms, last_suffix = _last_id
+        if pid != last_pid:
+            last_ms = 0
+        if ms <= last_ms and last_suffix < 0xFFFFFFFF:
+            ms, suffix = last_ms, last_suffix + 1
+        else:
+            ms, suffix = max(ms, last_ms + 1), secrets.randbits(32)
+        _last_id[:] = [pid, ms, suffix]
+    return f"{ms:012x}{suffix:08x}"
 
 
 def now() -> datetime:

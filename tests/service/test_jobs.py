@@ -704,3 +704,27 @@ def test_jobs_that_ended_before_the_retention_cutoff_are_deleted(
     time.sleep(1.1)
     liveness.expire(a_second)  # within the hour: not yet
     assert store.get(second) is not None
+
+
+def test_job_ids_sort_in_the_order_they_were_made_also_within_a_millisecond(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import workers.jobs
+    from workers.jobs import new_job_id
+
+    ids = [new_job_id() for _ in range(20_000)]  # many per millisecond
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert all(len(i) == 20 and int(i, 16) >= 0 for i in ids)
+    # a clock that stepped back does not reorder them either
+    monkeypatch.setattr(workers.jobs.time, "time", lambda: 1_000_000.0)
+    before = new_job_id()
+    assert before > ids[-1]
+    # a child forked in the same millisecond does not go on from its parent's suffix (both
+    # would make the same id)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write, new_job_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 20).decode()
+    assert new_job_id() != child
