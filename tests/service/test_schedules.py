@@ -345,6 +345,36 @@ def test_create_validates_every_problem_and_checks_roles(env: Env, tmp_path: Pat
     assert "get" in paths["/v1/schedules/{schedule_id}/runs"]
 
 
+def test_create_reports_every_schema_problem_at_once_each_with_its_field(env: Env,
+                                                                        tmp_path: Path) -> None:
+    body = schedule_body(env, "all-at-once", {"sources": [
+        "adapters/qv", "./adapters/qv", str(env.adapters["qv"]),
+        str(env.adapters["qv"]) + "/../qv", "alice/minilm-qv", "alice/minilm-qv@main"]},
+        "out", every_seconds=None, cron="61 * * * *", base="./base", paused=True)
+    response = env.post("/v1/schedules", json=body)
+    assert response.status_code == 422, response.text
+    problems = {p["field"]: p["message"] for p in response.json()["error"]["problems"]}
+    assert set(problems) == {"cron", "destination", "base", "collection.sources"}, problems
+    assert "cron '61 * * * *'" in problems["cron"]
+    assert "absolute local directory" in problems["destination"]
+    assert "base './base'" in problems["base"]
+    # a relative path would be read from the directory of whichever process ticks
+    assert "sources.1 './adapters/qv': neither a Hub id" in problems["collection.sources"]
+    # `adapters/qv` is a Hub id, wherever a directory of that name may be
+    del body["collection"]["sources"][1]
+    response = env.post("/v1/schedules", json=body)
+    problems = {p["field"]: p["message"] for p in response.json()["error"]["problems"]}
+    assert problems["collection.sources"] == (
+        f"sources.2 '{env.adapters['qv']}/../qv': the same adapter as sources.1 "
+        f"'{env.adapters['qv']}'"), problems
+    del body["collection"]["sources"][2]
+    response = env.post("/v1/schedules", json=body)
+    problems = {p["field"]: p["message"] for p in response.json()["error"]["problems"]}
+    assert problems["collection.sources"] == ("sources.3 'alice/minilm-qv@main': the same "
+                                              "adapter as sources.2 'alice/minilm-qv'"), problems
+    assert all(s["name"] != "all-at-once" for s in env.get("/v1/schedules").json()["schedules"])
+
+
 # --- 6-field cron: when it fires --------------------------------------------------------------
 
 def next_run(expression: str, at: datetime) -> datetime:

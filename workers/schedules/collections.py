@@ -43,13 +43,13 @@ import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from merge_service.preflight import under_roots
 from merge_service.sources.cache import prune_unused
 from merge_service.sources.lora import is_adapter_dir
-from merge_service.sources.resolve import HubOptions, looks_local
+from merge_service.sources.resolve import HubOptions
 from merge_service.spec import derive_task_name
 from workers.schedules.models import CollectionSpec, LeftOut, PinnedAdapter, RunProblem
 
@@ -108,7 +108,7 @@ def pin_base(base: str, hub: HubOptions) -> str:
     commit there is a change the next tick merges, and the job merges onto the very commit the
     tick compared. A local base stays as it is: hashing gigabytes of weights every tick would
     cost more than the merge it might skip."""
-    if looks_local(base):
+    if PurePosixPath(base).is_absolute():  # else a Hub id (`ScheduleCreate`)
         return base
     from huggingface_hub import HfApi
 
@@ -172,7 +172,7 @@ def _sources(sources: list[str], hub: HubOptions, snapshots: Path, roots: list[P
     api = HfApi(endpoint=hub.endpoint, token=hub.token)
     found = ResolvedCollection()
     for source in sources:
-        if looks_local(source):
+        if PurePosixPath(source).is_absolute():  # else a Hub id (`CollectionSpec`)
             _pin_local(Path(source), snapshots, found, roots)
         else:
             repo_id, _, revision = source.partition("@")
