@@ -978,18 +978,40 @@ def test_content_hash_and_snapshot(tmp_path: Path, minilm_adapters: dict[str, Pa
     assert first == content_hash(copy_adapter(adapter, tmp_path / "elsewhere" / "qv"))
     (adapter / ".adapter_config.json.swp").write_bytes(b"editor")  # hidden: not the adapter's
     assert content_hash(adapter) == first
+    # what a merge does not read of an adapter: its model card, what a trainer left beside it
+    (adapter / "README.md").write_text("an edited model card")
+    (adapter / "training_args.bin").write_bytes(b"args")
+    (adapter / "checkpoint-500").mkdir()
+    (adapter / "checkpoint-500" / "optimizer.pt").write_bytes(b"state")
+    assert content_hash(adapter) == first
     config = adapter / "adapter_config.json"
     config.write_text(config.read_text() + " ")
-    assert content_hash(adapter) != first
-    (adapter / "extra").mkdir()
-    (adapter / "extra" / "notes.md").write_text("x")
     second = content_hash(adapter)
-    assert second != content_hash(tmp_path / "elsewhere" / "qv")
+    assert second != first
+    retrain(adapter, 2.0)
+    assert content_hash(adapter) not in {first, second}
+    config.write_text(config.read_text().rstrip())
+    assert content_hash(adapter) != first
+    shutil.copy(tmp_path / "elsewhere" / "qv" / "adapter_model.safetensors", adapter)
+    assert content_hash(adapter) == first
+    config.write_text(config.read_text() + " ")
+
+    # a directory that is no adapter (a full checkpoint among `sources`): every file counts
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "model.safetensors").write_bytes(b"weights")
+    whole = content_hash(checkpoint)
+    (checkpoint / "extra").mkdir()
+    (checkpoint / "extra" / "notes.md").write_text("x")
+    assert content_hash(checkpoint) != whole
 
     snapshots = tmp_path / "snapshots"
     copy = snapshot(adapter, second, snapshots)
     assert copy == snapshots / second / "qv" and content_hash(copy) == second
-    assert not (copy / ".adapter_config.json.swp").exists()
+    assert sorted(p.name for p in copy.iterdir()) == ["adapter_config.json",
+                                                       "adapter_model.safetensors"]
+    copied = snapshot(checkpoint, content_hash(checkpoint), snapshots)
+    assert (copied / "extra" / "notes.md").read_text() == "x"
     assert snapshot(adapter, second, snapshots) == copy  # made once
     # a directory that changed since it was hashed is not stored under the old hash
     with pytest.raises(OSError, match="changed while it was being read"):
@@ -1009,6 +1031,29 @@ def test_content_hash_and_snapshot(tmp_path: Path, minilm_adapters: dict[str, Pa
     assert snapshot(adapter, second, snapshots) == copy  # used again: its clock restarts
     assert prune_snapshots(snapshots, 7 * 86400) == [old.parent]
     assert not old.parent.exists() and content_hash(copy) == second
+
+
+def test_what_a_merge_does_not_read_of_an_adapter_is_no_change(env: Env, tmp_path: Path
+                                                              ) -> None:
+    collection = tmp_path / "adapters"
+    collection.mkdir()
+    copy_adapter(env.adapters["qv"], collection / "qv")
+    copy_adapter(env.adapters["pattern"], collection / "pattern")
+    schedule = create(env, schedule_body(env, "cards", {"directory": str(collection)},
+                                         str(tmp_path / "out"), paused=True))
+    sid = schedule["id"]
+    run = env.post(f"/v1/schedules/{sid}/run").json()
+    assert run["status"] == "submitted", run
+    assert env.wait_job(run["job_id"]).status == "succeeded"
+
+    # a training run writes checkpoints beside the adapter; the model card is edited
+    (collection / "qv" / "README.md").write_text("an edited model card")
+    (collection / "pattern" / "checkpoint-500").mkdir()
+    (collection / "pattern" / "checkpoint-500" / "optimizer.pt").write_bytes(b"state" * 1000)
+    again = env.post(f"/v1/schedules/{sid}/run").json()
+    assert again["status"] == "skipped" and "unchanged" in again["reason"], again
+    assert again["fingerprint"] == run["fingerprint"]
+    assert env.client.delete(f"/v1/schedules/{sid}", headers=env.headers()).status_code == 204
 
 
 # --- `merge-service up` ----------------------------------------------------------------------
