@@ -1264,6 +1264,26 @@ def test_an_unexpected_error_in_a_tick_is_a_failed_run(env: Env, tmp_path: Path)
     assert env.client.delete(f"/v1/schedules/{sid}", headers=env.headers()).status_code == 204
 
 
+def test_resuming_a_schedule_that_is_not_paused_does_not_move_its_next_run(
+        env: Env, tmp_path: Path) -> None:
+    collection = tmp_path / "adapters"
+    collection.mkdir()
+    schedule = create(env, schedule_body(env, "resumed-twice", {"directory": str(collection)},
+                                         str(tmp_path / "out"), every_seconds=6))
+    sid = schedule["id"]
+    created = datetime.fromisoformat(schedule["created_at"])
+    for _ in range(3):  # each one in time to move the first run past the next one's
+        time.sleep(2.5)
+        assert env.post(f"/v1/schedules/{sid}/resume").json()["paused"] is False
+    first = env.wait_runs(sid, 1, timeout=30)[-1]
+    assert first["trigger"] == "schedule"
+    # due 6 s after creation (the scheduler looks every second); saved again at each resume,
+    # it came 6 s after the last one
+    assert datetime.fromisoformat(first["started_at"]) - created < timedelta(seconds=8.5), (
+        first, schedule)
+    assert env.client.delete(f"/v1/schedules/{sid}", headers=env.headers()).status_code == 204
+
+
 def test_pause_and_resume_at_once_leave_the_entry_as_the_record_says(env: Env, tmp_path: Path
                                                                      ) -> None:
     import threading
