@@ -345,6 +345,36 @@ def test_create_validates_every_problem_and_checks_roles(env: Env, tmp_path: Pat
     assert "get" in paths["/v1/schedules/{schedule_id}/runs"]
 
 
+def test_create_reports_every_schema_problem_at_once_each_with_its_field(env: Env,
+                                                                        tmp_path: Path) -> None:
+    body = schedule_body(env, "all-at-once", {"sources": [
+        "adapters/qv", "./adapters/qv", str(env.adapters["qv"]),
+        str(env.adapters["qv"]) + "/../qv", "alice/minilm-qv", "alice/minilm-qv@main"]},
+        "out", every_seconds=None, cron="61 * * * *", base="./base", paused=True)
+    response = env.post("/v1/schedules", json=body)
+    assert response.status_code == 422, response.text
+    problems = {p["field"]: p["message"] for p in response.json()["error"]["problems"]}
+    assert set(problems) == {"cron", "destination", "base", "collection.sources"}, problems
+    assert "cron '61 * * * *'" in problems["cron"]
+    assert "absolute local directory" in problems["destination"]
+    assert "base './base'" in problems["base"]
+    # a relative path would be read from the directory of whichever process ticks
+    assert "sources.1 './adapters/qv': neither a Hub id" in problems["collection.sources"]
+    # `adapters/qv` is a Hub id, wherever a directory of that name may be
+    del body["collection"]["sources"][1]
+    response = env.post("/v1/schedules", json=body)
+    problems = {p["field"]: p["message"] for p in response.json()["error"]["problems"]}
+    assert problems["collection.sources"] == (
+        f"sources.2 '{env.adapters['qv']}/../qv': the same adapter as sources.1 "
+        f"'{env.adapters['qv']}'"), problems
+    del body["collection"]["sources"][2]
+    response = env.post("/v1/schedules", json=body)
+    problems = {p["field"]: p["message"] for p in response.json()["error"]["problems"]}
+    assert problems["collection.sources"] == ("sources.3 'alice/minilm-qv@main': the same "
+                                              "adapter as sources.2 'alice/minilm-qv'"), problems
+    assert all(s["name"] != "all-at-once" for s in env.get("/v1/schedules").json()["schedules"])
+
+
 # --- 6-field cron: when it fires --------------------------------------------------------------
 
 def next_run(expression: str, at: datetime) -> datetime:
@@ -948,18 +978,40 @@ def test_content_hash_and_snapshot(tmp_path: Path, minilm_adapters: dict[str, Pa
     assert first == content_hash(copy_adapter(adapter, tmp_path / "elsewhere" / "qv"))
     (adapter / ".adapter_config.json.swp").write_bytes(b"editor")  # hidden: not the adapter's
     assert content_hash(adapter) == first
+    # what a merge does not read of an adapter: its model card, what a trainer left beside it
+    (adapter / "README.md").write_text("an edited model card")
+    (adapter / "training_args.bin").write_bytes(b"args")
+    (adapter / "checkpoint-500").mkdir()
+    (adapter / "checkpoint-500" / "optimizer.pt").write_bytes(b"state")
+    assert content_hash(adapter) == first
     config = adapter / "adapter_config.json"
     config.write_text(config.read_text() + " ")
-    assert content_hash(adapter) != first
-    (adapter / "extra").mkdir()
-    (adapter / "extra" / "notes.md").write_text("x")
     second = content_hash(adapter)
-    assert second != content_hash(tmp_path / "elsewhere" / "qv")
+    assert second != first
+    retrain(adapter, 2.0)
+    assert content_hash(adapter) not in {first, second}
+    config.write_text(config.read_text().rstrip())
+    assert content_hash(adapter) != first
+    shutil.copy(tmp_path / "elsewhere" / "qv" / "adapter_model.safetensors", adapter)
+    assert content_hash(adapter) == first
+    config.write_text(config.read_text() + " ")
+
+    # a directory that is no adapter (a full checkpoint among `sources`): every file counts
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "model.safetensors").write_bytes(b"weights")
+    whole = content_hash(checkpoint)
+    (checkpoint / "extra").mkdir()
+    (checkpoint / "extra" / "notes.md").write_text("x")
+    assert content_hash(checkpoint) != whole
 
     snapshots = tmp_path / "snapshots"
     copy = snapshot(adapter, second, snapshots)
     assert copy == snapshots / second / "qv" and content_hash(copy) == second
-    assert not (copy / ".adapter_config.json.swp").exists()
+    assert sorted(p.name for p in copy.iterdir()) == ["adapter_config.json",
+                                                       "adapter_model.safetensors"]
+    copied = snapshot(checkpoint, content_hash(checkpoint), snapshots)
+    assert (copied / "extra" / "notes.md").read_text() == "x"
     assert snapshot(adapter, second, snapshots) == copy  # made once
     # a directory that changed since it was hashed is not stored under the old hash
     with pytest.raises(OSError, match="changed while it was being read"):
@@ -979,6 +1031,29 @@ def test_content_hash_and_snapshot(tmp_path: Path, minilm_adapters: dict[str, Pa
     assert snapshot(adapter, second, snapshots) == copy  # used again: its clock restarts
     assert prune_snapshots(snapshots, 7 * 86400) == [old.parent]
     assert not old.parent.exists() and content_hash(copy) == second
+
+
+def test_what_a_merge_does_not_read_of_an_adapter_is_no_change(env: Env, tmp_path: Path
+                                                              ) -> None:
+    collection = tmp_path / "adapters"
+    collection.mkdir()
+    copy_adapter(env.adapters["qv"], collection / "qv")
+    copy_adapter(env.adapters["pattern"], collection / "pattern")
+    schedule = create(env, schedule_body(env, "cards", {"directory": str(collection)},
+                                         str(tmp_path / "out"), paused=True))
+    sid = schedule["id"]
+    run = env.post(f"/v1/schedules/{sid}/run").json()
+    assert run["status"] == "submitted", run
+    assert env.wait_job(run["job_id"]).status == "succeeded"
+
+    # a training run writes checkpoints beside the adapter; the model card is edited
+    (collection / "qv" / "README.md").write_text("an edited model card")
+    (collection / "pattern" / "checkpoint-500").mkdir()
+    (collection / "pattern" / "checkpoint-500" / "optimizer.pt").write_bytes(b"state" * 1000)
+    again = env.post(f"/v1/schedules/{sid}/run").json()
+    assert again["status"] == "skipped" and "unchanged" in again["reason"], again
+    assert again["fingerprint"] == run["fingerprint"]
+    assert env.client.delete(f"/v1/schedules/{sid}", headers=env.headers()).status_code == 204
 
 
 # --- `merge-service up` ----------------------------------------------------------------------
@@ -1186,6 +1261,26 @@ def test_an_unexpected_error_in_a_tick_is_a_failed_run(env: Env, tmp_path: Path)
     assert run["reason"].startswith("the tick failed: OSError: [Errno 36] File name too long")
     assert "Traceback" not in run["reason"] and len(run["reason"]) < 400
     assert env.runs(sid)[0]["id"] == run["id"]
+    assert env.client.delete(f"/v1/schedules/{sid}", headers=env.headers()).status_code == 204
+
+
+def test_resuming_a_schedule_that_is_not_paused_does_not_move_its_next_run(
+        env: Env, tmp_path: Path) -> None:
+    collection = tmp_path / "adapters"
+    collection.mkdir()
+    schedule = create(env, schedule_body(env, "resumed-twice", {"directory": str(collection)},
+                                         str(tmp_path / "out"), every_seconds=6))
+    sid = schedule["id"]
+    created = datetime.fromisoformat(schedule["created_at"])
+    for _ in range(3):  # each one in time to move the first run past the next one's
+        time.sleep(2.5)
+        assert env.post(f"/v1/schedules/{sid}/resume").json()["paused"] is False
+    first = env.wait_runs(sid, 1, timeout=30)[-1]
+    assert first["trigger"] == "schedule"
+    # due 6 s after creation (the scheduler looks every second); saved again at each resume,
+    # it came 6 s after the last one
+    assert datetime.fromisoformat(first["started_at"]) - created < timedelta(seconds=8.5), (
+        first, schedule)
     assert env.client.delete(f"/v1/schedules/{sid}", headers=env.headers()).status_code == 204
 
 

@@ -43,13 +43,13 @@ import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from merge_service.preflight import under_roots
 from merge_service.sources.cache import prune_unused
-from merge_service.sources.lora import is_adapter_dir
-from merge_service.sources.resolve import HubOptions, looks_local
+from merge_service.sources.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_dir
+from merge_service.sources.resolve import HubOptions
 from merge_service.spec import derive_task_name
 from workers.schedules.models import CollectionSpec, LeftOut, PinnedAdapter, RunProblem
 
@@ -108,7 +108,7 @@ def pin_base(base: str, hub: HubOptions) -> str:
     commit there is a change the next tick merges, and the job merges onto the very commit the
     tick compared. A local base stays as it is: hashing gigabytes of weights every tick would
     cost more than the merge it might skip."""
-    if looks_local(base):
+    if PurePosixPath(base).is_absolute():  # else a Hub id (`ScheduleCreate`)
         return base
     from huggingface_hub import HfApi
 
@@ -172,7 +172,7 @@ def _sources(sources: list[str], hub: HubOptions, snapshots: Path, roots: list[P
     api = HfApi(endpoint=hub.endpoint, token=hub.token)
     found = ResolvedCollection()
     for source in sources:
-        if looks_local(source):
+        if PurePosixPath(source).is_absolute():  # else a Hub id (`CollectionSpec`)
             _pin_local(Path(source), snapshots, found, roots)
         else:
             repo_id, _, revision = source.partition("@")
@@ -235,8 +235,8 @@ def _pin_local(path: Path, snapshots: Path, found: ResolvedCollection, roots: li
 
 
 def content_hash(directory: Path) -> str:
-    """sha256 over every regular file below `directory` (relative path and bytes), in path
-    order; hidden files (`.git`, editor swap files) are not part of an adapter."""
+    """sha256 over the files of `directory` a merge reads (`_files`: relative path and bytes),
+    in path order."""
     digest = hashlib.sha256()
     for file in sorted(_files(directory)):
         relative = file.relative_to(directory).as_posix()
@@ -248,6 +248,13 @@ def content_hash(directory: Path) -> str:
 
 
 def _files(directory: Path) -> list[Path]:
+    """Of a PEFT adapter, the files a merge reads (`merge_service.sources.lora`): peft's model
+    card, a trainer's `checkpoint-N/` and `training_args.bin`, tokenizer files beside them are
+    no change to merge again, nor worth a copy. Of another directory (a full checkpoint among
+    `sources`), every regular file; hidden files (`.git`, editor swap files) never."""
+    if is_adapter_dir(directory):
+        return [directory / name for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+                if (directory / name).is_file()]
     files = []
     for root, dirs, names in os.walk(directory):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
@@ -257,9 +264,9 @@ def _files(directory: Path) -> list[Path]:
 
 
 def snapshot(directory: Path, revision: str, snapshots: Path) -> Path:
-    """`snapshots/REVISION/NAME`, a copy of `directory`, made once (atomically: copied beside,
-    then renamed). The copy is checked against the hash, so a directory that changed while it
-    was copied is not pinned under the wrong revision."""
+    """`snapshots/REVISION/NAME`, a copy of the files of `directory` that were hashed, made
+    once (atomically: copied beside, then renamed). The copy is checked against the hash, so a
+    directory that changed while it was copied is not pinned under the wrong revision."""
     target = snapshots / revision / directory.name
     if target.is_dir():
         os.utime(target.parent)  # in use: kept by `prune_snapshots` for another while
@@ -267,8 +274,11 @@ def snapshot(directory: Path, revision: str, snapshots: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.parent / f".{directory.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
-        shutil.copytree(directory, partial,
-                        ignore=lambda _d, names: [n for n in names if n.startswith(".")])
+        partial.mkdir()
+        for file in _files(directory):
+            copy = partial / file.relative_to(directory)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(file, copy)
         if content_hash(partial) != revision:
             raise OSError(f"{directory} changed while it was being read; it is read again at "
                           "the next run")

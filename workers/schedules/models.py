@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import os
 import re
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
@@ -10,7 +11,7 @@ from typing import Literal
 
 from celery.schedules import crontab, crontab_parser
 from dateutil.rrule import SECONDLY
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from redbeat.schedules import rrule
 
 from merge_service.errors import Problem
@@ -19,6 +20,8 @@ from workers.jobs import JobStatus
 
 # `namespace/title-slug-<24 hex>`, as the Hub names collections
 COLLECTION_SLUG = re.compile(r"^[\w.-]+/[\w.-]+-[0-9a-f]{24}$")
+# a Hub source of a collection: `org/name[@revision]` (`name` alone for the few unnamespaced)
+HUB_SOURCE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(@[\w./-]+)?$")
 SCHEDULE_ID = re.compile(r"^[0-9a-f]{20}$")
 # the fields of a 6-field cron, seconds first, with their ranges as crontab_parser takes them
 # (max_, min_): seconds and minutes 0-59, hours 0-23, days 1-31, months 1-12, weekdays 0-7
@@ -56,16 +59,52 @@ class CollectionSpec(_Strict):
         None, description="an absolute local directory whose subdirectories are LoRA "
         "adapters; each is pinned by the hash of its files")
 
+    # each field's own check is a field validator: a problem of one field does not hide
+    # another's, and each names its field
+    @field_validator("hub_collection")
+    @classmethod
+    def _slug(cls, value: str | None) -> str | None:
+        if value is not None and not COLLECTION_SLUG.match(value):
+            raise ValueError(f"hub_collection {value!r} is not a collection slug "
+                             "(namespace/title-<24 hex digits>)")
+        return value
+
+    @field_validator("sources")
+    @classmethod
+    def _sources(cls, value: list[str] | None) -> list[str] | None:
+        """A local source is absolute (a relative path would be read from wherever the process
+        that ticks was started: the API's directory for a run now, the scheduler's for the
+        others), anything else a Hub id; each source once (twice would merge it twice)."""
+        seen: dict[str, int] = {}
+        sources = value or []
+        for i, source in enumerate(sources):
+            if PurePosixPath(source).is_absolute():
+                identity = str(PurePosixPath(os.path.normpath(source)))
+            elif HUB_SOURCE.match(source):
+                repo_id, _, revision = source.partition("@")
+                identity = f"{repo_id}@{revision or 'main'}"
+            else:
+                raise ValueError(f"sources.{i} {source!r}: neither a Hub id "
+                                 "(org/name[@revision]) nor an absolute local directory")
+            if identity in seen:
+                first = seen[identity]
+                raise ValueError(f"sources.{i} {source!r}: the same adapter as sources.{first} "
+                                 f"{sources[first]!r}")
+            seen[identity] = i
+        return value
+
+    @field_validator("directory")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        if value is not None and not PurePosixPath(value).is_absolute():
+            raise ValueError("directory must be an absolute path on the service's machines")
+        return value
+
     @model_validator(mode="after")
     def _one_kind(self) -> CollectionSpec:
         given = [k for k in ("hub_collection", "sources", "directory") if getattr(self, k)]
         if len(given) != 1:
             raise ValueError("give exactly one of hub_collection, sources, directory")
-        if self.hub_collection is not None and not COLLECTION_SLUG.match(self.hub_collection):
-            raise ValueError(f"hub_collection {self.hub_collection!r} is not a collection slug "
-                             "(namespace/title-<24 hex digits>)")
-        if self.directory is not None and not PurePosixPath(self.directory).is_absolute():
-            raise ValueError("directory must be an absolute path on the service's machines")
         return self
 
     @property
@@ -111,15 +150,32 @@ class ScheduleCreate(_Strict):
         "push with (the file MERGE_SERVICE_SECRETS_DIR/NAME, e.g. a Docker secret); default: "
         "MERGE_SERVICE_HF_TOKEN. The name is stored, never the token")
 
+    @field_validator("base")
+    @classmethod
+    def _base(cls, value: str) -> str:
+        if not PurePosixPath(value).is_absolute() and not HUB_SOURCE.match(value):
+            raise ValueError(f"base {value!r}: neither a Hub id (org/name[@revision]) nor an "
+                             "absolute local directory")
+        return value
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is not None:
+            cron_schedule(value)  # raises ValueError with the reason
+        return value
+
+    @field_validator("destination")
+    @classmethod
+    def _destination(cls, value: str) -> str:
+        if not value.startswith("hub://") and not PurePosixPath(value).is_absolute():
+            raise ValueError("destination must be hub://org/name or an absolute local directory")
+        return value
+
     @model_validator(mode="after")
     def _when(self) -> ScheduleCreate:
         if (self.cron is None) == (self.every_seconds is None):
             raise ValueError("give exactly one of cron, every_seconds")
-        if self.cron is not None:
-            cron_schedule(self.cron)  # raises ValueError with the reason
-        if not self.destination.startswith("hub://") \
-                and not PurePosixPath(self.destination).is_absolute():
-            raise ValueError("destination must be hub://org/name or an absolute local directory")
         return self
 
 

@@ -267,8 +267,11 @@ class ScheduleStore:
             schedule = Schedule.model_validate_json(raw) if raw is not None else None
             if schedule is None or schedule.paused:
                 self.remove_entry(schedule_id)
-            elif acted_on == "unread" or not self.entry_exists(schedule_id):
-                self._save_entry(schedule)  # resume: the first run one period from now
+            elif not self.entry_exists(schedule_id):
+                # resume: the first run one period from now. An entry that exists is left as it
+                # is: saved again, its next run would move a period on at each resume of a
+                # schedule that was not paused
+                self._save_entry(schedule)
             acted_on = raw
 
     def delete(self, schedule_id: str) -> bool:
