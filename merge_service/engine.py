@@ -691,7 +691,9 @@ def _model_card(p: PreparedMerge) -> str:
     served = _served_format(p)
     return render_model_card(
         title=p.spec.name or f"{p.method.name} merge",
-        base_model=hub_model_id(p.base_source.repo_id, p.base_source.path),
+        base_model=hub_model_id(p.base_source.repo_id, p.base_source.path,
+                                [t.model.base_model_name for t in p.inputs
+                                 if isinstance(t.model, LoraAdapter)]),
         base=p.resolved_spec.base,
         relation="adapter" if served == "lora" else "merge",
         library={"lora": "peft", "full": "transformers"}.get(served or ""),

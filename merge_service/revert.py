@@ -20,7 +20,7 @@ from merge_service.errors import InvalidInputError, Problem, capped
 from merge_service.preflight import destination_input_problems
 from merge_service.sinks.artifact import Artifact
 from merge_service.sinks.local import LocalDirectorySink, copy_model_files, destination_problems
-from merge_service.sinks.model_card import hub_model_id, render_model_card
+from merge_service.sinks.model_card import card_base_model, hub_model_id, render_model_card
 from merge_service.sinks.report import write_json
 from merge_service.sinks.safetensors_writer import ShardedSafetensorsWriter
 from merge_service.sources.checkpoint import Checkpoint
@@ -119,7 +119,9 @@ def _write(artifact: Artifact, base: Checkpoint, base_source: ResolvedSource, sp
         write_json(tmp / "merge_report.json", result_report)
         (tmp / "README.md").write_text(render_model_card(
             title=f"{task} recovered from a {artifact.fmt} artifact",
-            base_model=hub_model_id(base_source.repo_id, base_source.path),
+            # the artifact's card names the base as the merge's inputs did
+            base_model=hub_model_id(base_source.repo_id, base_source.path,
+                                    [card_base_model(artifact.directory / "README.md")]),
             base=spec.base, relation="finetune", library="transformers",
             method=artifact.method.name, params={"task": task},
             inputs=[{"name": m.name or task, "source": m.source, "weight": m.weight}

@@ -246,3 +246,27 @@ def test_task_arithmetic_of_two_adapters_merges_to_a_peft_adapter(
     for name in names:
         task = load_task(name)
         assert tasks.evaluate(encoder, task, "validation") > 1.5 / len(task.labels)
+
+
+def test_model_cards_name_the_base_the_adapters_were_trained_on(tmp_path: Path) -> None:
+    """The packaged base's config.json names the model it was trained from
+    (`_name_or_path: nreimers/MiniLM-L6-H384-uncased`); its own card (`# all-MiniLM-L6-v2`) and
+    the adapters say which model it is. The cards of a merge and of a task reverted from its
+    artifact name that one as `base_model`."""
+    import yaml
+
+    def front(directory: Path) -> dict:
+        return yaml.safe_load((directory / "README.md").read_text().split("---\n")[1])
+
+    config = json.loads((tasks.base_model_path() / "config.json").read_text())
+    assert config["_name_or_path"] == "nreimers/MiniLM-L6-H384-uncased"
+    artifact = tmp_path / "merged"
+    run_merge(spec_from_dict(job(tasks.base_model_path(),
+                                 [load_task(n).adapter_dir for n in TASK_NAMES[:2]], artifact,
+                                 method="rmm", space="core", output={"format": "reversible"})))
+    assert front(artifact)["base_model"] == tasks.BASE_MODEL_NAME
+    assert front(artifact)["base_model_relation"] == "adapter"
+    reverted = tmp_path / "reverted"
+    task = json.loads((artifact / "tasks.json").read_text())["tasks"][0]
+    assert cli_main(["revert", str(artifact), "--task", task, "--out", str(reverted)]) == 0
+    assert front(reverted)["base_model"] == tasks.BASE_MODEL_NAME
