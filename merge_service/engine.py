@@ -619,11 +619,17 @@ def _pinned_spec(spec: JobSpec, resolved: list[ResolvedSource], method: MergeMet
     other defaults reruns it the same)."""
     models = [m.model_copy(update={"source": r.pinned, "name": n})
               for m, r, n in zip(spec.models, resolved[1:], spec.task_names(), strict=True)]
-    params = method.params.model_dump(mode="json") | (
-        {"target_rank": target_rank} if target_rank is not None else {})
+    params = _method_params(method, target_rank)
     return spec.model_copy(update={
         "base": resolved[0].pinned, "models": models,
         "method": spec.method.model_copy(update={"params": params})})
+
+
+def _method_params(method: MergeMethod, target_rank: int | None) -> dict[str, Any]:
+    """Every method parameter as run, defaults included, and `target_rank` when the `lora`
+    output was truncated: what the spec, the report and the model card state."""
+    return method.params.model_dump(mode="json") | (
+        {"target_rank": target_rank} if target_rank is not None else {})
 
 
 def _peak_memory(device: torch.device) -> dict[str, int]:
@@ -639,7 +645,7 @@ def _report(p: PreparedMerge, tensors: dict[str, dict[str, Any]], timings: dict[
     artifact = out.artifact
     report: dict[str, Any] = {
         "merge_service_version": __version__,
-        "method": {"name": p.method.name, "params": p.method.params.model_dump(mode="json")},
+        "method": {"name": p.method.name, "params": _method_params(p.method, p.target_rank)},
         "space": p.space,
         "base": {"source": p.resolved_spec.base, "revision": p.base_source.revision},
         "models": [{"name": t.name, "source": t.source.pinned, "revision": t.source.revision,
@@ -698,7 +704,7 @@ def _model_card(p: PreparedMerge) -> str:
         relation="adapter" if served == "lora" else "merge",
         library={"lora": "peft", "full": "transformers"}.get(served or ""),
         method=p.method.name,
-        params=p.method.params.model_dump(mode="json"),
+        params=_method_params(p.method, p.target_rank),
         inputs=[{"name": t.name, "source": t.source.pinned, "weight": t.weight}
                 for t in p.inputs],
         output_format=p.spec.output.format,

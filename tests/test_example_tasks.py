@@ -270,3 +270,19 @@ def test_model_cards_name_the_base_the_adapters_were_trained_on(tmp_path: Path) 
     task = json.loads((artifact / "tasks.json").read_text())["tasks"][0]
     assert cli_main(["revert", str(artifact), "--task", task, "--out", str(reverted)]) == 0
     assert front(reverted)["base_model"] == tasks.BASE_MODEL_NAME
+
+
+def test_target_rank_is_stated_in_the_report_and_the_model_card(tmp_path: Path) -> None:
+    """A `lora` output truncated by `target_rank`: its adapter has that rank, and the report
+    and the model card, which list the parameters the merge ran with, say so."""
+    import yaml
+
+    spec = _spec(tmp_path, list(TASK_NAMES[:2]))
+    spec["method"]["params"]["target_rank"] = 3
+    result = run_merge(spec_from_dict(spec))
+    out = tmp_path / "merged"
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 3
+    assert result.report["method"]["params"] == {"alpha": 1.0, "target_rank": 3}
+    card = (out / "README.md").read_text()
+    params = yaml.safe_load(card.split("## Method parameters\n\n```yaml\n")[1].split("```")[0])
+    assert params == {"alpha": 1.0, "target_rank": 3}
