@@ -217,12 +217,17 @@ def prepare(spec: JobSpec, *, overwrite: bool = False, hub: HubOptions | None = 
     problems += input_kind_problems(inputs, spec)
     problems += output_problems(spec, method, is_lora)
     problems += space_problems(spec, method, space, is_lora, target_rank)
+    unmatched: list[Problem] = []
     if base is not None and resolved[0] is not None:
         identity = base_identity(resolved[0])
         for task in inputs:
             problems += (lora_adapter_problems(base, identity, task) if task.is_lora
                          else full_checkpoint_problems(base, task))
-        problems += selection_problems(spec, list(base.tensors))
+        unmatched = selection_problems(spec, list(base.tensors))
+        problems += unmatched
+    plan = _plan(spec, base, inputs) if base is not None else None
+    if plan is not None and inputs and not plan[0] and not unmatched:
+        problems.append(_nothing_to_merge(spec))  # a regex that matches nothing says why
     if isinstance(method, WholeModelMethod):
         # AdaRank: calibration data, model family, heads, tokenizer (METHODS.md section 12)
         problems += method.whole_model_problems(
@@ -237,7 +242,8 @@ def prepare(spec: JobSpec, *, overwrite: bool = False, hub: HubOptions | None = 
             task.close()
         raise PreflightError(problems or [Problem("preflight failed")])
 
-    merged, copied = _plan(spec, base, inputs)
+    assert plan is not None
+    merged, copied = plan
     out_dtype = _DTYPES[spec.output.dtype] if spec.output.dtype else None
     prepared = PreparedMerge(
         spec=spec, resolved_spec=_pinned_spec(spec, pinned, method, target_rank),
@@ -610,6 +616,22 @@ def _plan(spec: JobSpec, base: Checkpoint, inputs: list[TaskInput]) -> tuple[lis
         touched = any(task.touches(name) for task in inputs)
         (merged if selected and touched and info.is_float else copied).append(name)
     return merged, copied
+
+
+def _nothing_to_merge(spec: JobSpec) -> Problem:
+    """No tensor both selected and changed by a task model: the output would be the base (and
+    a `lora` output an adapter with no module, which PEFT refuses to load)."""
+    include, exclude = spec.options.include, spec.options.exclude
+    what = "nothing would be merged"
+    if include:
+        also = " (with options.exclude)" if exclude else ""
+        return Problem(f"selects no tensor that a task model changes{also}: {what}",
+                       field="options.include")
+    if exclude:
+        return Problem(f"excludes every tensor that a task model changes: {what}",
+                       field="options.exclude")
+    return Problem(f"the task models change no floating-point tensor of the base: {what}",
+                   field="models")
 
 
 def _pinned_spec(spec: JobSpec, resolved: list[ResolvedSource], method: MergeMethod,

@@ -286,3 +286,19 @@ def test_target_rank_is_stated_in_the_report_and_the_model_card(tmp_path: Path) 
     card = (out / "README.md").read_text()
     params = yaml.safe_load(card.split("## Method parameters\n\n```yaml\n")[1].split("```")[0])
     assert params == {"alpha": 1.0, "target_rank": 3}
+
+
+@pytest.mark.parametrize(("options", "field"), [
+    ({"include": ["pooler"]}, "options.include"),
+    ({"exclude": ["encoder"]}, "options.exclude"),
+])
+def test_a_selection_that_leaves_nothing_to_merge_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], options: dict, field: str) -> None:
+    """The adapters adapt only encoder layers: a selection without them would write the base
+    (or, as here, a `lora` output with no module, which PEFT cannot load). Exit 1, the
+    option named, nothing written."""
+    spec = write_spec(tmp_path, **_spec(tmp_path, list(TASK_NAMES[:2]), options=options))
+    assert cli_main(["merge", str(spec)]) == 1
+    err = capsys.readouterr().err
+    assert f"{field}: " in err and "nothing would be merged" in err, err
+    assert not (tmp_path / "merged").exists()
