@@ -217,12 +217,17 @@ def prepare(spec: JobSpec, *, overwrite: bool = False, hub: HubOptions | None = 
     problems += input_kind_problems(inputs, spec)
     problems += output_problems(spec, method, is_lora)
     problems += space_problems(spec, method, space, is_lora, target_rank)
+    unmatched: list[Problem] = []
     if base is not None and resolved[0] is not None:
         identity = base_identity(resolved[0])
         for task in inputs:
             problems += (lora_adapter_problems(base, identity, task) if task.is_lora
                          else full_checkpoint_problems(base, task))
-        problems += selection_problems(spec, list(base.tensors))
+        unmatched = selection_problems(spec, list(base.tensors))
+        problems += unmatched
+    plan = _plan(spec, base, inputs) if base is not None else None
+    if plan is not None and inputs and not plan[0] and not unmatched:
+        problems.append(_nothing_to_merge(spec))  # a regex that matches nothing says why
     if isinstance(method, WholeModelMethod):
         # AdaRank: calibration data, model family, heads, tokenizer (METHODS.md section 12)
         problems += method.whole_model_problems(
@@ -237,7 +242,8 @@ def prepare(spec: JobSpec, *, overwrite: bool = False, hub: HubOptions | None = 
             task.close()
         raise PreflightError(problems or [Problem("preflight failed")])
 
-    merged, copied = _plan(spec, base, inputs)
+    assert plan is not None
+    merged, copied = plan
     out_dtype = _DTYPES[spec.output.dtype] if spec.output.dtype else None
     prepared = PreparedMerge(
         spec=spec, resolved_spec=_pinned_spec(spec, pinned, method, target_rank),
@@ -612,6 +618,22 @@ def _plan(spec: JobSpec, base: Checkpoint, inputs: list[TaskInput]) -> tuple[lis
     return merged, copied
 
 
+def _nothing_to_merge(spec: JobSpec) -> Problem:
+    """No tensor both selected and changed by a task model: the output would be the base (and
+    a `lora` output an adapter with no module, which PEFT refuses to load)."""
+    include, exclude = spec.options.include, spec.options.exclude
+    what = "nothing would be merged"
+    if include:
+        also = " (with options.exclude)" if exclude else ""
+        return Problem(f"selects no tensor that a task model changes{also}: {what}",
+                       field="options.include")
+    if exclude:
+        return Problem(f"excludes every tensor that a task model changes: {what}",
+                       field="options.exclude")
+    return Problem(f"the task models change no floating-point tensor of the base: {what}",
+                   field="models")
+
+
 def _pinned_spec(spec: JobSpec, resolved: list[ResolvedSource], method: MergeMethod,
                  target_rank: int | None) -> JobSpec:
     """The spec as run: sources pinned (Hub ids to their commit, local paths absolute), task
@@ -619,11 +641,17 @@ def _pinned_spec(spec: JobSpec, resolved: list[ResolvedSource], method: MergeMet
     other defaults reruns it the same)."""
     models = [m.model_copy(update={"source": r.pinned, "name": n})
               for m, r, n in zip(spec.models, resolved[1:], spec.task_names(), strict=True)]
-    params = method.params.model_dump(mode="json") | (
-        {"target_rank": target_rank} if target_rank is not None else {})
+    params = _method_params(method, target_rank)
     return spec.model_copy(update={
         "base": resolved[0].pinned, "models": models,
         "method": spec.method.model_copy(update={"params": params})})
+
+
+def _method_params(method: MergeMethod, target_rank: int | None) -> dict[str, Any]:
+    """Every method parameter as run, defaults included, and `target_rank` when the `lora`
+    output was truncated: what the spec, the report and the model card state."""
+    return method.params.model_dump(mode="json") | (
+        {"target_rank": target_rank} if target_rank is not None else {})
 
 
 def _peak_memory(device: torch.device) -> dict[str, int]:
@@ -639,7 +667,7 @@ def _report(p: PreparedMerge, tensors: dict[str, dict[str, Any]], timings: dict[
     artifact = out.artifact
     report: dict[str, Any] = {
         "merge_service_version": __version__,
-        "method": {"name": p.method.name, "params": p.method.params.model_dump(mode="json")},
+        "method": {"name": p.method.name, "params": _method_params(p.method, p.target_rank)},
         "space": p.space,
         "base": {"source": p.resolved_spec.base, "revision": p.base_source.revision},
         "models": [{"name": t.name, "source": t.source.pinned, "revision": t.source.revision,
@@ -691,12 +719,14 @@ def _model_card(p: PreparedMerge) -> str:
     served = _served_format(p)
     return render_model_card(
         title=p.spec.name or f"{p.method.name} merge",
-        base_model=hub_model_id(p.base_source.repo_id, p.base_source.path),
+        base_model=hub_model_id(p.base_source.repo_id, p.base_source.path,
+                                [t.model.base_model_name for t in p.inputs
+                                 if isinstance(t.model, LoraAdapter)]),
         base=p.resolved_spec.base,
         relation="adapter" if served == "lora" else "merge",
         library={"lora": "peft", "full": "transformers"}.get(served or ""),
         method=p.method.name,
-        params=p.method.params.model_dump(mode="json"),
+        params=_method_params(p.method, p.target_rank),
         inputs=[{"name": t.name, "source": t.source.pinned, "weight": t.weight}
                 for t in p.inputs],
         output_format=p.spec.output.format,

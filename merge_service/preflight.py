@@ -15,6 +15,7 @@ from merge_service.errors import Problem, capped
 from merge_service.inputs import TaskInput
 from merge_service.methods import MergeMethod, available
 from merge_service.sinks.artifact import ARTIFACT_FORMATS
+from merge_service.sinks.model_card import model_card_title
 from merge_service.sources.checkpoint import Checkpoint, TensorInfo
 from merge_service.sources.lora import LoraAdapter
 from merge_service.sources.resolve import ResolvedSource, looks_local
@@ -299,28 +300,10 @@ def base_identity(source: ResolvedSource) -> set[str]:
             name_or_path = None
         if isinstance(name_or_path, str) and name_or_path:
             names.add(name_or_path)
-    title = _model_card_title(source.path / "README.md")
+    title = model_card_title(source.path / "README.md")
     if title:
         names.add(title)
     return names
-
-
-def _model_card_title(card: Path) -> str | None:
-    """The repo name a local copy of a Hub model gives in its model card (`# all-MiniLM-L6-v2`
-    after the YAML front matter), so that adapters naming the Hub id match a local base."""
-    try:
-        with card.open(encoding="utf-8", errors="replace") as f:
-            text = f.read(65536)
-    except OSError:
-        return None
-    if text.startswith("---"):
-        end = text.find("\n---", 3)
-        text = text[end + 4:] if end >= 0 else ""
-    for line in text.splitlines():
-        if line.strip():
-            title = line.strip()[2:].strip() if line.startswith("# ") else ""
-            return title if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}", title) else None
-    return None
 
 
 def _same_base(trained_on: str, identity: set[str]) -> bool:

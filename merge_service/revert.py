@@ -11,6 +11,7 @@ end, so a failure leaves nothing behind.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from merge_service.errors import InvalidInputError, Problem, capped
 from merge_service.preflight import destination_input_problems
 from merge_service.sinks.artifact import Artifact
 from merge_service.sinks.local import LocalDirectorySink, copy_model_files, destination_problems
-from merge_service.sinks.model_card import hub_model_id, render_model_card
+from merge_service.sinks.model_card import card_base_model, hub_model_id, render_model_card
 from merge_service.sinks.report import write_json
 from merge_service.sinks.safetensors_writer import ShardedSafetensorsWriter
 from merge_service.sources.checkpoint import Checkpoint
@@ -51,7 +52,7 @@ def revert(artifact_dir: Path, task: str, out: Path | str, *, overwrite: bool = 
             problems.append(Problem("the destination is empty: give a directory for the "
                                     "recovered model", field="--out"))
         else:
-            problems += destination_problems(destination, overwrite)
+            problems += _as_out(destination_problems(destination, overwrite))
         try:
             spec = load_spec(artifact_dir / "merge_spec.yaml")
         except InvalidInputError as exc:
@@ -61,8 +62,9 @@ def revert(artifact_dir: Path, task: str, out: Path | str, *, overwrite: bool = 
         base_source, source_problems = resolve_source(spec.base, "base", hub or HubOptions())
         problems += source_problems
         if destination is not None:
-            problems += destination_input_problems(destination, [("artifact", artifact_dir)] + (
-                [("base", base_source.path)] if base_source is not None else []), overwrite)
+            inputs = [("artifact", artifact_dir)] + (
+                [("base", base_source.path)] if base_source is not None else [])
+            problems += _as_out(destination_input_problems(destination, inputs, overwrite))
         if base_source is not None:
             base, base_problems = Checkpoint.open(base_source.path, "base")
             problems += base_problems
@@ -89,6 +91,12 @@ def revert(artifact_dir: Path, task: str, out: Path | str, *, overwrite: bool = 
         artifact.close()
         if base is not None:
             base.close()
+
+
+def _as_out(problems: list[Problem]) -> list[Problem]:
+    """The destination checks a merge shares name `output.destination`; revert's is `--out`."""
+    return [replace(p, field="--out") if p.field == "output.destination" else p
+            for p in problems]
 
 
 def _write(artifact: Artifact, base: Checkpoint, base_source: ResolvedSource, spec: JobSpec,
@@ -119,7 +127,9 @@ def _write(artifact: Artifact, base: Checkpoint, base_source: ResolvedSource, sp
         write_json(tmp / "merge_report.json", result_report)
         (tmp / "README.md").write_text(render_model_card(
             title=f"{task} recovered from a {artifact.fmt} artifact",
-            base_model=hub_model_id(base_source.repo_id, base_source.path),
+            # the artifact's card names the base as the merge's inputs did
+            base_model=hub_model_id(base_source.repo_id, base_source.path,
+                                    [card_base_model(artifact.directory / "README.md")]),
             base=spec.base, relation="finetune", library="transformers",
             method=artifact.method.name, params={"task": task},
             inputs=[{"name": m.name or task, "source": m.source, "weight": m.weight}

@@ -246,3 +246,59 @@ def test_task_arithmetic_of_two_adapters_merges_to_a_peft_adapter(
     for name in names:
         task = load_task(name)
         assert tasks.evaluate(encoder, task, "validation") > 1.5 / len(task.labels)
+
+
+def test_model_cards_name_the_base_the_adapters_were_trained_on(tmp_path: Path) -> None:
+    """The packaged base's config.json names the model it was trained from
+    (`_name_or_path: nreimers/MiniLM-L6-H384-uncased`); its own card (`# all-MiniLM-L6-v2`) and
+    the adapters say which model it is. The cards of a merge and of a task reverted from its
+    artifact name that one as `base_model`."""
+    import yaml
+
+    def front(directory: Path) -> dict:
+        return yaml.safe_load((directory / "README.md").read_text().split("---\n")[1])
+
+    config = json.loads((tasks.base_model_path() / "config.json").read_text())
+    assert config["_name_or_path"] == "nreimers/MiniLM-L6-H384-uncased"
+    artifact = tmp_path / "merged"
+    run_merge(spec_from_dict(job(tasks.base_model_path(),
+                                 [load_task(n).adapter_dir for n in TASK_NAMES[:2]], artifact,
+                                 method="rmm", space="core", output={"format": "reversible"})))
+    assert front(artifact)["base_model"] == tasks.BASE_MODEL_NAME
+    assert front(artifact)["base_model_relation"] == "adapter"
+    reverted = tmp_path / "reverted"
+    task = json.loads((artifact / "tasks.json").read_text())["tasks"][0]
+    assert cli_main(["revert", str(artifact), "--task", task, "--out", str(reverted)]) == 0
+    assert front(reverted)["base_model"] == tasks.BASE_MODEL_NAME
+
+
+def test_target_rank_is_stated_in_the_report_and_the_model_card(tmp_path: Path) -> None:
+    """A `lora` output truncated by `target_rank`: its adapter has that rank, and the report
+    and the model card, which list the parameters the merge ran with, say so."""
+    import yaml
+
+    spec = _spec(tmp_path, list(TASK_NAMES[:2]))
+    spec["method"]["params"]["target_rank"] = 3
+    result = run_merge(spec_from_dict(spec))
+    out = tmp_path / "merged"
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 3
+    assert result.report["method"]["params"] == {"alpha": 1.0, "target_rank": 3}
+    card = (out / "README.md").read_text()
+    params = yaml.safe_load(card.split("## Method parameters\n\n```yaml\n")[1].split("```")[0])
+    assert params == {"alpha": 1.0, "target_rank": 3}
+
+
+@pytest.mark.parametrize(("options", "field"), [
+    ({"include": ["pooler"]}, "options.include"),
+    ({"exclude": ["encoder"]}, "options.exclude"),
+])
+def test_a_selection_that_leaves_nothing_to_merge_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], options: dict, field: str) -> None:
+    """The adapters adapt only encoder layers: a selection without them would write the base
+    (or, as here, a `lora` output with no module, which PEFT cannot load). Exit 1, the
+    option named, nothing written."""
+    spec = write_spec(tmp_path, **_spec(tmp_path, list(TASK_NAMES[:2]), options=options))
+    assert cli_main(["merge", str(spec)]) == 1
+    err = capsys.readouterr().err
+    assert f"{field}: " in err and "nothing would be merged" in err, err
+    assert not (tmp_path / "merged").exists()

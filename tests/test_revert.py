@@ -82,3 +82,20 @@ def test_a_float16_part_is_accepted(compressed: Path, synthetic: Synthetic, tmp_
     recovered = load_file(tmp_path / "rev" / "model.safetensors")
     torch.testing.assert_close(recovered[Q].float(), synthetic.task_tensors[0][Q],
                                rtol=0, atol=1e-3)
+
+
+def test_destination_problems_name_the_out_option(compressed: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """revert has no spec: a destination it refuses is named by its own option, `--out`."""
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    for out, extra, message in [
+            (existing, [], "already exists"),
+            (compressed / "inside", [], "is inside the input"),
+            (compressed, ["--overwrite"], "--overwrite would delete")]:
+        code = main(["revert", str(compressed), "--task", "math", "--out", str(out), *extra])
+        err = capsys.readouterr().err
+        assert code == 1 and message in err, err
+        assert "--out" in err and "output.destination" not in err, err
+        assert "merge-service merge" not in err, err
+    assert list(existing.iterdir()) == [] and not (compressed / "inside").exists()

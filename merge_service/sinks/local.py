@@ -57,7 +57,7 @@ def _destination_problems(destination: Path, overwrite: bool) -> list[Problem]:
                         field="output.destination")]
     if destination.exists() and not overwrite:
         return [Problem(f"destination {destination} already exists (an output is replaced "
-                        "only by `merge-service merge --overwrite`; a job never replaces one)",
+                        "only with the command line's `--overwrite`; a job never replaces one)",
                         field="output.destination")]
     if destination.exists() and not destination.is_dir():
         return [Problem(f"destination {destination} is a file", field="output.destination")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import yaml
@@ -39,16 +40,59 @@ def render_model_card(*, title: str, base_model: str | None, base: str, relation
     )
 
 
-def hub_model_id(repo_id: str | None, local: Path | None) -> str | None:
-    """The base as the Hub knows it: its repo id, or for a local copy the `org/name` its
-    `config.json` names (`_name_or_path`, as `save_pretrained` writes it); None if neither."""
+def hub_model_id(repo_id: str | None, local: Path | None,
+                 claimed: Iterable[str | None] = ()
+                 ) -> str | None:
+    """The base as the Hub knows it: its repo id; for a local copy, the first `org/name` among
+    `claimed` (what the adapters name as their base) and its `config.json`'s `_name_or_path`
+    (as `save_pretrained` writes it) that agrees with the copy's model card title; None if
+    none does.
+
+    A `_name_or_path` alone is not proof: all-MiniLM-L6-v2's config names the model it was
+    trained from (`nreimers/MiniLM-L6-H384-uncased`), and its card's `# all-MiniLM-L6-v2`
+    says which model it is. A copy without such a title is taken at its config's word."""
     if repo_id:
         return repo_id
-    try:
-        name = json.loads((local / "config.json").read_text()).get("_name_or_path") \
-            if local is not None else None
-    except (OSError, ValueError, AttributeError):
+    if local is None:
         return None
-    if isinstance(name, str) and _HUB_ID.fullmatch(name) and not Path(name).exists():
-        return name
+    try:
+        name = json.loads((local / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    title = model_card_title(local / "README.md")
+    for candidate in [*claimed, name]:
+        if not isinstance(candidate, str) or not _HUB_ID.fullmatch(candidate) \
+                or Path(candidate).exists():
+            continue
+        if title is None or candidate.rsplit("/", 1)[-1] == title:
+            return candidate
     return None
+
+
+def model_card_title(card: Path) -> str | None:
+    """The repo name a local copy of a Hub model gives in its model card (`# all-MiniLM-L6-v2`
+    after the YAML front matter), so that adapters naming the Hub id match a local base."""
+    try:
+        with card.open(encoding="utf-8", errors="replace") as f:
+            text = f.read(65536)
+    except OSError:
+        return None
+    if text.startswith("---"):
+        end = text.find("\n---", 3)
+        text = text[end + 4:] if end >= 0 else ""
+    for line in text.splitlines():
+        if line.strip():
+            title = line.strip()[2:].strip() if line.startswith("# ") else ""
+            return title if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}", title) else None
+    return None
+
+
+def card_base_model(card: Path) -> str | None:
+    """The `base_model` of a model card's front matter (an artifact's own card), if any."""
+    try:
+        text = card.read_text(encoding="utf-8", errors="replace")
+        front = yaml.safe_load(text.split("---\n", 2)[1]) if text.startswith("---\n") else None
+    except (OSError, IndexError, yaml.YAMLError):
+        return None
+    name = front.get("base_model") if isinstance(front, dict) else None
+    return name if isinstance(name, str) else None
