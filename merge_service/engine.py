@@ -506,11 +506,10 @@ def _lora_only(p: PreparedMerge, name: str) -> bool:
 def _merge_lora_module(p: PreparedMerge, name: str, out: _Outputs) -> dict[str, Any]:
     """One LoRA module in `core` or `knots` space: the method runs on small matrices."""
     like = torch.empty(0, device=p.device, dtype=p.compute_dtype)
-    # a method that ignores the per-model weights (rmm) gets the unweighted factors; so does
-    # one that takes them as coefficients (drm), with the weights beside them
+    # a method that takes the weights as coefficients (drm) gets the unweighted factors, with
+    # the weights beside them (one that has no use for weights, rmm, is given none: preflight)
     coefficients = p.method.weights_as_coefficients
-    inputs = p.inputs if p.method.uses_weights and not coefficients \
-        else [replace(t, weight=1.0) for t in p.inputs]
+    inputs = [replace(t, weight=1.0) for t in p.inputs] if coefficients else p.inputs
     factors = [task.lora_factors(name, like) for task in inputs]
     in_features = p.base.tensors[name].shape[1]
     space: CoreSpace | KnotsSpace = core_space(factors) if p.space == "core" \

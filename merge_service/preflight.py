@@ -151,9 +151,16 @@ def lora_adapter_problems(base: Checkpoint, base_identity: set[str], task: TaskI
 
 def weight_problems(spec: JobSpec, method: MergeMethod | None) -> list[Problem]:
     """Weights are finite (the schema refuses NaN and Infinity); their sum must not be 0 where
-    a method divides by it."""
-    if method is not None and method.name in {"average", "cart"} \
-            and sum(m.weight for m in spec.models) == 0:
+    a method divides by it; a method that has no use for them is given none (a weight it
+    ignored would be a setting silently dropped)."""
+    if method is None:
+        return []
+    if not method.uses_weights:
+        return [Problem(f"{method.name} does not use per-model weights (it keeps what recovers "
+                        f"each task model itself); found weight {m.weight:g}, expected none "
+                        "or 1", model=m.source, field=f"models.{i}.weight")
+                for i, m in enumerate(spec.models) if m.weight != 1.0]
+    if method.name in {"average", "cart"} and sum(m.weight for m in spec.models) == 0:
         return [Problem(f"{method.name} divides by the sum of the weights, which is 0",
                         field="models")]
     return []

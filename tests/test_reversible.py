@@ -38,11 +38,8 @@ ARTIFACT_FILES = {"basis.safetensors", "coefficients.safetensors", "tasks.json",
                   "merge_spec.yaml", "merge_report.json", "README.md"}
 
 
-def merge(base: Path, models: list[Path], out: Path, names=TASKS, weights=None,
-          **fields) -> MergeResult:
+def merge(base: Path, models: list[Path], out: Path, names=TASKS, **fields) -> MergeResult:
     entries = [{"source": str(m), "name": n} for m, n in zip(models, names, strict=True)]
-    for entry, weight in zip(entries, weights or [], strict=False):
-        entry["weight"] = weight
     params = fields.pop("params", {})
     return run_merge(spec_from_dict(job(base, entries, out, method="rmm", params=params,
                                         output={"format": "reversible"}, **fields)))
@@ -162,15 +159,28 @@ def test_report_errors_are_the_reverted_models_errors(f64: Float64Tasks, tmp_pat
     assert recovery["dropped_eigenvalue_sum"] == pytest.approx(dropped, rel=1e-9)
 
 
-def test_weights_play_no_part(f64: Float64Tasks, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("method", "fmt"), [("rmm", "reversible"),
+                                            ("tsv_compress", "compressed")])
+def test_weights_are_refused_by_methods_that_recover_each_task(
+        method: str, fmt: str, f64: Float64Tasks, tmp_path: Path) -> None:
     entries = [{"source": str(m), "name": n, "weight": w}
-               for m, n, w in zip(f64.tasks, TASKS, (2.0, 0.0, -1.0), strict=True)]
-    spec = job(f64.base, entries, tmp_path / "art", method="rmm",
-               output={"format": "reversible"}, options={"compute_dtype": "float64"})
+               for m, n, w in zip(f64.tasks, TASKS, (2.0, 1.0, -1.0), strict=True)]
+    spec = job(f64.base, entries, tmp_path / "art", method=method,
+               output={"format": fmt}, options={"compute_dtype": "float64"})
+    with pytest.raises(InvalidInputError) as refused:
+        run_merge(spec_from_dict(spec))
+    assert [(p.field, p.model) for p in refused.value.problems] == [
+        ("models.0.weight", str(f64.tasks[0])), ("models.2.weight", str(f64.tasks[2]))]
+    assert f"{method} does not use per-model weights" in str(refused.value)
+    assert "found weight 2, expected none or 1" in str(refused.value)
+    assert not (tmp_path / "art").exists()
+    # a weight of 1 is the default written out: accepted
+    entries[0]["weight"] = entries[2]["weight"] = 1.0
     art = run_merge(spec_from_dict(spec)).destination
     recovered = read_tensors(revert(art, "code", tmp_path / "rev").destination)
-    for name, value in floats(f64.task_tensors[1]).items():
-        torch.testing.assert_close(recovered[name], value, rtol=1e-12, atol=1e-12)
+    if method == "rmm":  # exact at basis_size T - 1 (tsv_compress keeps rank r // T)
+        for name, value in floats(f64.task_tensors[1]).items():
+            torch.testing.assert_close(recovered[name], value, rtol=1e-12, atol=1e-12)
 
 
 def test_merge_and_revert_through_the_cli(f64: Float64Tasks, tmp_path: Path,
@@ -415,9 +425,8 @@ def test_lora_artifact_serves_a_peft_adapter_and_reverts_each_adapter(
     from peft import PeftModel
     from transformers import AutoModel
 
-    # weights play no part (the core matrices are built from the unweighted factors)
     result = merge(tiny_bert_dir, tiny_lora, tmp_path / "art", params={"alpha": 0.5},
-                   weights=[2.0, 0.0, -1.0], options={"compute_dtype": "float64"})
+                   options={"compute_dtype": "float64"})
     art = result.destination
     assert ARTIFACT_FILES | {"adapter_config.json", "adapter_model.safetensors"} \
         == set(result.files)

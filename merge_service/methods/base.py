@@ -108,8 +108,8 @@ class MergeMethod(ABC, Generic[P]):
     # Artifact methods: the safetensors file (its name without `.safetensors`) each stored part
     # goes to; parts not named here go to the file named for the output format.
     artifact_files: ClassVar[Mapping[str, str]] = MappingProxyType({})
-    # False for methods that ignore the per-model weights w_t (core space then builds the core
-    # matrices from the unweighted factors).
+    # False for methods that have no use for the per-model weights w_t (they recover each task
+    # model itself): preflight refuses a weight other than 1 for them.
     uses_weights: ClassVar[bool] = True
     # True for methods that apply w_t themselves, as coefficients after a step that mixes the
     # tasks (drm: after the shared decomposition and the sign election). In core and knots

@@ -32,6 +32,7 @@ class TsvCompress(MergeMethod[TsvCompressParams]):
     output_formats = frozenset({"compressed"})
     produces_delta = False
     spaces = frozenset({"full"})
+    uses_weights = False
 
     def merge(self, task: TensorTask) -> TensorResult:
         p = self.params
