@@ -139,6 +139,7 @@ def run_up(host: str, port: int, log_level: str) -> int:
         app = create_app(api_settings)
         shown = f"[{host}]" if ":" in host else host
         print(f"merge-service is up\n"
+              f"  dashboard: http://{shown}:{port}/\n"
               f"  API:    http://{shown}:{port}  (docs: http://{shown}:{port}/docs)\n"
               f"  Redis:  {where}\n"
               f"  worker: log in {logs / 'worker.log'}\n"

@@ -75,6 +75,7 @@ def test_up_submit_wait_ctrl_c_and_restart(minilm_inputs: Inputs, tmp_path: Path
     try:
         banner = up.output()
         assert f"API:    {url}" in banner and "embedded" in banner
+        assert f"dashboard: {url}/\n" in banner
 
         spec = tmp_path / "spec.yaml"
         spec.write_text(json.dumps(spec_body(minilm_inputs, tmp_path / "merged")))
