@@ -213,7 +213,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"job {record['id']}: {record['status']} ({client.url}/v1/jobs/{record['id']})",
               file=sys.stderr, flush=True)
         if args.wait:
-            record = follow(client, record["id"], quiet=args.quiet)
+            try:
+                record = follow(client, record["id"], quiet=args.quiet, status=record["status"])
+            except KeyboardInterrupt:  # the job is the service's: it goes on
+                print(f"stopped following job {record['id']}; it goes on in the service "
+                      f"(to stop it: POST {client.url}/v1/jobs/{record['id']}/cancel)",
+                      file=sys.stderr)
+                return EXIT_FAILED
     if args.json:
         print(json.dumps(record, indent=2))
     elif args.wait:
@@ -244,11 +250,13 @@ def absolute_paths(body: dict[str, Any], out: str | None) -> dict[str, Any]:
     return body
 
 
-def follow(client: Any, job_id: str, quiet: bool = False) -> dict[str, Any]:
-    """Show the job's progress (a bar per stage on stderr) until it ends; return the record."""
+def follow(client: Any, job_id: str, quiet: bool = False,
+           status: str | None = None) -> dict[str, Any]:
+    """Show the job's progress (a bar per stage on stderr) until it ends; return the record.
+    `status`: the one already shown."""
     from tqdm import tqdm
 
-    bar, stage, status = None, None, None
+    bar, stage = None, None
     try:
         for event in client.events(job_id):
             data = event["data"]
