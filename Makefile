@@ -4,6 +4,9 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 .PHONY: setup setup-test demo test lint bench clean
+# a failed step leaves no target behind: `python3 -m venv` without ensurepip (Debian without
+# python3-venv) fails after writing .venv/bin/python, and the next make would skip it
+.DELETE_ON_ERROR:
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)

@@ -23,30 +23,35 @@ DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 
 
 def add_service_commands(sub: Any) -> None:
-    up = sub.add_parser("up", help="the whole service on this machine: Redis, API, one worker")
-    up.add_argument("--host", default=DEFAULT_HOST)
-    up.add_argument("--port", type=int, default=DEFAULT_PORT)
-    up.add_argument("--log-level", default="info")
+    up = sub.add_parser("up", help="the whole service on this machine: Redis, API, one "
+                        "worker, the scheduler")
+    up.add_argument("--host", default=DEFAULT_HOST, help=f"the API's address (default "
+                    f"{DEFAULT_HOST}; another needs MERGE_SERVICE_API_KEYS)")
+    up.add_argument("--port", type=int, default=DEFAULT_PORT,
+                    help=f"the API's port (default {DEFAULT_PORT})")
+    up.add_argument("--log-level", default="info", help="the API's log level (default info)")
     up.set_defaults(func=cmd_up)
 
     api = sub.add_parser("api", help="the REST API alone (needs Redis and workers)")
-    api.add_argument("--host", default=DEFAULT_HOST)
-    api.add_argument("--port", type=int, default=DEFAULT_PORT)
-    api.add_argument("--log-level", default="info")
+    api.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default "
+                     f"{DEFAULT_HOST}; another needs MERGE_SERVICE_API_KEYS)")
+    api.add_argument("--port", type=int, default=DEFAULT_PORT,
+                     help=f"port to listen on (default {DEFAULT_PORT})")
+    api.add_argument("--log-level", default="info", help="default info")
     api.set_defaults(func=cmd_api)
 
     worker = sub.add_parser("worker", help="a Celery worker that runs jobs")
-    worker.add_argument("--queues", help="gpu, cpu or gpu,cpu (default: "
+    worker.add_argument("--queues", help="gpu, cpu, gpu,cpu or auto (default: "
                         "MERGE_SERVICE_WORKER_QUEUES; auto = gpu,cpu with CUDA, else cpu)")
     worker.add_argument("--concurrency", type=int, default=1,
                         help="jobs at once, one child process each (default 1)")
     worker.add_argument("--name", help="node name (default merge-PID@HOST)")
-    worker.add_argument("--log-level", default="info")
+    worker.add_argument("--log-level", default="info", help="default info")
     worker.set_defaults(func=cmd_worker)
 
     scheduler = sub.add_parser("scheduler", help="fire the scheduled merges (Celery beat "
                                "on Redis; several may run, one fires at a time)")
-    scheduler.add_argument("--log-level", default="info")
+    scheduler.add_argument("--log-level", default="info", help="default info")
     scheduler.set_defaults(func=cmd_scheduler)
 
     submit = sub.add_parser("submit", help="submit a job spec to a running service")
@@ -208,7 +213,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"job {record['id']}: {record['status']} ({client.url}/v1/jobs/{record['id']})",
               file=sys.stderr, flush=True)
         if args.wait:
-            record = follow(client, record["id"], quiet=args.quiet)
+            try:
+                record = follow(client, record["id"], quiet=args.quiet, status=record["status"])
+            except KeyboardInterrupt:  # the job is the service's: it goes on
+                print(f"stopped following job {record['id']}; it goes on in the service "
+                      f"(to stop it: POST {client.url}/v1/jobs/{record['id']}/cancel)",
+                      file=sys.stderr)
+                return EXIT_FAILED
     if args.json:
         print(json.dumps(record, indent=2))
     elif args.wait:
@@ -239,11 +250,13 @@ def absolute_paths(body: dict[str, Any], out: str | None) -> dict[str, Any]:
     return body
 
 
-def follow(client: Any, job_id: str, quiet: bool = False) -> dict[str, Any]:
-    """Show the job's progress (a bar per stage on stderr) until it ends; return the record."""
+def follow(client: Any, job_id: str, quiet: bool = False,
+           status: str | None = None) -> dict[str, Any]:
+    """Show the job's progress (a bar per stage on stderr) until it ends; return the record.
+    `status`: the one already shown."""
     from tqdm import tqdm
 
-    bar, stage, status = None, None, None
+    bar, stage = None, None
     try:
         for event in client.events(job_id):
             data = event["data"]

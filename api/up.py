@@ -15,7 +15,9 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from merge_service.errors import InvalidInputError
 from workers.redis_server import die_with_parent
@@ -88,6 +90,30 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _api_server(config: Any) -> Any:
+    """uvicorn's server, less two things a second Ctrl-C set off, each ending in a traceback:
+    its force exit (which leaves the app's lifespan to be cancelled; the graceful shutdown is
+    bounded by `timeout_graceful_shutdown` anyway) and its re-raise of the signals it handled
+    once it is done (inside its event loop). `up` goes on to stop its children instead."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            self.should_exit = True
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            handled = (signal.SIGINT, signal.SIGTERM)
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server(config)
+
+
 def run_up(host: str, port: int, log_level: str) -> int:
     import uvicorn
 
@@ -139,18 +165,22 @@ def run_up(host: str, port: int, log_level: str) -> int:
         app = create_app(api_settings)
         shown = f"[{host}]" if ":" in host else host
         print(f"merge-service is up\n"
+              f"  dashboard: http://{shown}:{port}/\n"
               f"  API:    http://{shown}:{port}  (docs: http://{shown}:{port}/docs)\n"
               f"  Redis:  {where}\n"
               f"  worker: log in {logs / 'worker.log'}\n"
               f"  scheduler: log in {logs / 'scheduler.log'}\n"
               f"  data:   {data_dir}\n"
               "Ctrl-C stops it.", flush=True)
-        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                               timeout_graceful_shutdown=3))
-        with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the signal it handled
-            server.run(sockets=[sock])
+        server = _api_server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                            timeout_graceful_shutdown=3))
+        server.run(sockets=[sock])
         return 0 if server.started else 2
     finally:
+        # another Ctrl-C does not cut the stop short: it is bounded (each child has 10 s to
+        # finish its job, then 5 s, then is killed), and it stops Redis last
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("merge-service: stopping", file=sys.stderr, flush=True)
         if scheduler is not None:
             scheduler.stop()

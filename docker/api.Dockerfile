@@ -4,8 +4,9 @@ FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     MERGE_SERVICE_DATA_DIR=/data
 WORKDIR /app
-# set TORCH_CPU_INDEX (build arg) to PyTorch's CPU wheel index to keep the image small
-ARG TORCH_CPU_INDEX=
+# PyTorch's CPU wheels: PyPI's torch for Linux is the CUDA build, gigabytes of CUDA libraries
+# this image never uses (a build arg: a mirror of that index, or empty for PyPI's)
+ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 COPY scripts/install-torch.sh scripts/
 RUN python -m venv /opt/venv && TORCH_CPU_INDEX=$TORCH_CPU_INDEX scripts/install-torch.sh /opt/venv
 ENV PATH=/opt/venv/bin:$PATH

@@ -190,21 +190,22 @@ def build_parser() -> argparse.ArgumentParser:
     merge.set_defaults(func=cmd_merge)
 
     validate = sub.add_parser("validate", help="preflight only: list every problem")
-    validate.add_argument("spec")
-    validate.add_argument("--out")
-    validate.add_argument("--overwrite", action="store_true")
+    validate.add_argument("spec", help="job spec (YAML or JSON)")
+    validate.add_argument("--out", help="destination directory (overrides output.destination)")
+    validate.add_argument("--overwrite", action="store_true",
+                          help="an existing destination is not a problem (as for merge)")
     validate.set_defaults(func=cmd_validate)
 
     revert = sub.add_parser("revert", help="recover one task model from an artifact")
     revert.add_argument("artifact", help="a compressed or reversible artifact directory")
     revert.add_argument("--task", required=True, help="task name (see the artifact's tasks.json)")
     revert.add_argument("--out", required=True, help="directory for the recovered model")
-    revert.add_argument("--overwrite", action="store_true")
-    revert.add_argument("-q", "--quiet", action="store_true")
+    revert.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    revert.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     revert.set_defaults(func=cmd_revert)
 
     methods = sub.add_parser("methods", help="the method catalog with parameters and defaults")
-    methods.add_argument("--json", action="store_true")
+    methods.add_argument("--json", action="store_true", help="the catalog as JSON")
     methods.set_defaults(func=cmd_methods)
 
     from api.cli import add_service_commands  # up, api, worker, submit (the service, api/)

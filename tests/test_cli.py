@@ -383,6 +383,23 @@ def test_usage_errors_are_invalid_input(args: list[str],
     assert err.startswith("usage: merge-service") and "error: " in err
 
 
+def test_every_command_and_option_is_described_in_its_help() -> None:
+    import argparse
+
+    from merge_service.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    described = {choice.dest: choice.help for choice in commands._choices_actions}
+    assert set(described) == set(commands.choices) and all(described.values()), described
+    # DESIGN.md section 3: `up` is the whole service
+    assert all(part in described["up"] for part in ("Redis", "API", "worker", "scheduler"))
+    for name, command in commands.choices.items():
+        undocumented = [a.option_strings or a.dest for a in command._actions
+                        if a.help is None and not isinstance(a, argparse._HelpAction)]
+        assert undocumented == [], f"merge-service {name}: {undocumented}"
+
+
 def test_validate_ok(synthetic: Synthetic, tmp_path: Path,
                      capsys: pytest.CaptureFixture[str]) -> None:
     spec = write_spec(tmp_path, **job(synthetic.base, synthetic.tasks, tmp_path / "out",

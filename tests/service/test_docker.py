@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from api.cli import check_bind
 from merge_service.cli import build_parser
+from merge_service.errors import InvalidInputError
 from merge_service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,6 +49,9 @@ def test_compose_services(compose: dict) -> None:
         assert service["build"]["context"] == "."
         files = [e["path"] for e in service["env_file"]]
         assert files[0] == "docker/defaults.env" and (ROOT / files[0]).is_file()
+        # the keys: compose says at once that the file is missing, instead of an API that
+        # restarts forever
+        assert service["env_file"][1] == {"path": "docker/service.env", "required": True}
     gpu = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and gpu["capabilities"] == ["gpu"]
     assert set(compose["volumes"]) == {"data", "redis"}
@@ -73,6 +78,11 @@ def test_env_files_name_only_settings_and_point_at_the_compose_redis(compose: di
     assert defaults["MERGE_SERVICE_DATA_DIR"] == "/data"
     assert defaults["MERGE_SERVICE_LOCAL_ROOTS"] == "/data"  # specs stay on the shared volume
     assert "MERGE_SERVICE_API_KEYS" in example
+    # a copy left as it is serves no one with a key written in this repository: the API,
+    # on all interfaces in its container, refuses to start without keys
+    unedited = Settings(api_keys=example["MERGE_SERVICE_API_KEYS"] or None)
+    with pytest.raises(InvalidInputError, match="MERGE_SERVICE_API_KEYS"):
+        check_bind("0.0.0.0", unedited)
     settings = Settings(**{k.removeprefix("MERGE_SERVICE_").lower(): v
                            for k, v in defaults.items() if k.startswith("MERGE_SERVICE_")})
     assert settings.max_job_seconds >= 3600

@@ -150,6 +150,37 @@ def test_submit_wait_from_the_command_line(service: Service, minilm_inputs: Inpu
     assert "Forbidden" in capsys.readouterr().err
 
 
+def test_ctrl_c_on_submit_wait_leaves_the_job_running(service: Service, minilm_inputs: Inputs,
+                                                     tmp_path: Path) -> None:
+    """The job is the service's: Ctrl-C stops following it, says so, and does not claim that
+    nothing was written."""
+    name = f"ctrl-c-{secrets.token_hex(3)}"
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(slow_spec(minilm_inputs, tmp_path / "merged") | {"name": name}))
+    env = service.env | {"MERGE_SERVICE_API_URL": service.url,
+                         "MERGE_SERVICE_API_KEY": KEYS["submit"]}
+    follower = subprocess.Popen([sys.executable, "-m", "merge_service.cli", "submit",
+                                 str(spec), "--wait"], env=env, stderr=subprocess.PIPE,
+                                text=True)
+    try:
+        job = wait_for(lambda: next(iter(service.store.list(name=name)[0]), None), timeout=60,
+                       what="the job")
+        wait_for(lambda: service.store.get(job.id).progress.done >= 2, timeout=120,
+                 interval=0.02, what="the merge to be under way")
+        follower.send_signal(signal.SIGINT)
+        _, err = follower.communicate(timeout=30)
+    finally:
+        follower.kill()
+    assert follower.returncode == 2, err
+    assert f"stopped following job {job.id}; it goes on in the service" in err
+    assert "nothing was written" not in err and "Traceback" not in err
+    assert err.count(": queued") == 1, err
+    assert service.store.get(job.id).status in ACTIVE
+    with service.client("submit") as http:
+        assert http.post(f"/v1/jobs/{job.id}/cancel").status_code == 202
+    assert service.wait_terminal(job.id).status == "cancelled"
+
+
 def test_cancel_in_the_middle(service: Service, minilm_inputs: Inputs, tmp_path: Path) -> None:
     destination = tmp_path / "cancelled"
     job = submit(service, slow_spec(minilm_inputs, destination))

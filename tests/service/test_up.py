@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -75,6 +76,7 @@ def test_up_submit_wait_ctrl_c_and_restart(minilm_inputs: Inputs, tmp_path: Path
     try:
         banner = up.output()
         assert f"API:    {url}" in banner and "embedded" in banner
+        assert f"dashboard: {url}/\n" in banner
 
         spec = tmp_path / "spec.yaml"
         spec.write_text(json.dumps(spec_body(minilm_inputs, tmp_path / "merged")))
@@ -149,6 +151,24 @@ def test_ctrl_c_lets_the_running_job_go_on(minilm_inputs: Inputs, tmp_path: Path
         assert service_processes(up.output(), data_dir) == []
     finally:
         store.r.close()
+        up.stop()
+
+
+def test_ctrl_c_twice_stops_as_once(tmp_path: Path) -> None:
+    """An impatient second Ctrl-C: the same clean stop, no traceback (uvicorn's force exit and
+    its re-raise of the signals printed one)."""
+    data_dir = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MERGE_SERVICE_")}
+    env |= {"MERGE_SERVICE_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
+    up, _ = start_up(env, free_port(), tmp_path / "up.log")
+    try:
+        assert up.process is not None
+        up.process.send_signal(signal.SIGINT)
+        time.sleep(0.02)
+        assert interrupt(up) == 0
+        assert "Traceback" not in up.output(), up.output()
+        assert service_processes(up.output(), data_dir) == []
+    finally:
         up.stop()
 
 
