@@ -100,8 +100,10 @@ def main() -> int:
         if record["status"] != "succeeded":
             return submitted.returncode
         report = httpx.get(f"{url}/v1/jobs/{record['id']}/report").json()
-        print(f"merge report: {report['summary']}, {report['timings_s']['total_s']:.1f} s on "
-              f"{report['device']}")
+        counts = report["summary"]
+        print(f"merge report: {counts['merged']} tensors merged, {counts['unchanged']} "
+              f"unchanged, {counts['copied']} copied from the base, in "
+              f"{report['timings_s']['total_s']:.1f} s on {report['device']}")
     except KeyboardInterrupt:
         print("demo: interrupted; cancelling its job", flush=True)
         cancel_unfinished_jobs(url)
