@@ -246,7 +246,7 @@ def prepare(spec: JobSpec, *, overwrite: bool = False, hub: HubOptions | None = 
     merged, copied = plan
     out_dtype = _DTYPES[spec.output.dtype] if spec.output.dtype else None
     prepared = PreparedMerge(
-        spec=spec, resolved_spec=_pinned_spec(spec, pinned, method, target_rank),
+        spec=spec, resolved_spec=_pinned_spec(spec, pinned, method, target_rank, space),
         base_source=pinned[0], base=base, inputs=inputs, method=method, space=space,
         target_rank=target_rank, device=device,
         compute_dtype=_DTYPES[spec.options.compute_dtype], output_dtype=out_dtype,
@@ -634,15 +634,15 @@ def _nothing_to_merge(spec: JobSpec) -> Problem:
 
 
 def _pinned_spec(spec: JobSpec, resolved: list[ResolvedSource], method: MergeMethod,
-                 target_rank: int | None) -> JobSpec:
+                 target_rank: int | None, space: str) -> JobSpec:
     """The spec as run: sources pinned (Hub ids to their commit, local paths absolute), task
-    names and every method parameter written out, defaults included (a later version with
-    other defaults reruns it the same)."""
+    names, the space `auto` chose and every method parameter written out, defaults included
+    (a later version with other defaults reruns it the same)."""
     models = [m.model_copy(update={"source": r.pinned, "name": n})
               for m, r, n in zip(spec.models, resolved[1:], spec.task_names(), strict=True)]
     params = _method_params(method, target_rank)
     return spec.model_copy(update={
-        "base": resolved[0].pinned, "models": models,
+        "base": resolved[0].pinned, "models": models, "space": space,
         "method": spec.method.model_copy(update={"params": params})})
 
 

@@ -170,6 +170,18 @@ def test_lora_output_loads_in_peft_and_equals_the_full_output(
             assert relative_error(merged[name], value) < 1e-5, name
 
 
+def test_the_resolved_spec_names_the_space_auto_chose(
+        tmp_path: Path, minilm_dir: Path, minilm_adapters: dict[str, Path]) -> None:
+    """merge_spec.yaml reruns the merge as it ran, whatever `auto` means in a later version."""
+    from merge_service.spec import load_spec
+
+    adapters = [minilm_adapters["rslora"], minilm_adapters["pattern"]]
+    result = _merge(tmp_path, minilm_dir, adapters, "auto", method="ties")
+    assert result.spec.space == "core"
+    assert load_spec(result.destination / "merge_spec.yaml").space == "core"
+    assert result.report["space"] == "core"
+
+
 def test_lora_output_is_written_in_place(tmp_path: Path, minilm_dir: Path,
                                         minilm_adapters: dict[str, Path],
                                         monkeypatch: pytest.MonkeyPatch) -> None:
