@@ -82,20 +82,38 @@ options:
     text.scrollTop = Math.max(0, (line - 3) * lineHeight);
   }
 
+  // One submission at a time: a double click (or Enter pressed twice) while the first is
+  // being checked and posted would queue the merge twice. The button stays focusable
+  // (aria-disabled, not disabled) so that the keyboard focus is not lost meanwhile; after a
+  // submission it stays so until the job's page has replaced this one.
+  let submitting = false;
   async function submit(ev) {
     ev.preventDefault();
+    if (submitting) return;
+    submitting = true;
+    $("submit").setAttribute("aria-disabled", "true");
     const answer = await check();
-    if (!answer || !answer.valid) { $("check-h").scrollIntoView(); return; }
-    const headers = {};
-    const key = $("idempotency").value.trim();
-    if (key) headers["Idempotency-Key"] = key;
-    try {
-      const job = await api("/v1/jobs", { method: "POST", json: answer.spec, headers });
-      window.location.assign(`/jobs/${job.id}`);
-    } catch (e) {
-      showProblems(`Not submitted: ${MS.errorText(e)}`, e.problems || []);
+    if (answer && answer.valid) {
+      const headers = {};
+      const key = $("idempotency").value.trim();
+      if (key) headers["Idempotency-Key"] = key;
+      try {
+        const job = await api("/v1/jobs", { method: "POST", json: answer.spec, headers });
+        window.location.assign(`/jobs/${job.id}`);
+        return;
+      } catch (e) {
+        showProblems(`Not submitted: ${MS.errorText(e)}`, e.problems || []);
+      }
+    } else {
+      $("check-h").scrollIntoView();
     }
+    submitting = false;
+    $("submit").removeAttribute("aria-disabled");
   }
+  // back to this page from the job's, out of the browser's page cache: ready to submit again
+  window.addEventListener("pageshow", (ev) => {
+    if (ev.persisted) { submitting = false; $("submit").removeAttribute("aria-disabled"); }
+  });
 
   function describeMethod() {
     const m = methods.find((x) => x.name === $("method-select").value);

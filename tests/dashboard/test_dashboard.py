@@ -199,6 +199,24 @@ def test_preflight_errors_next_to_the_spec(tab: Tab, service: Service, minilm_in
     tab.screenshot("2-schema-error")
 
 
+
+def test_a_double_click_on_submit_queues_one_job(tab: Tab, service: Service,
+                                                 minilm_inputs: Inputs, tmp_path: Path) -> None:
+    page = tab.page
+    tab.goto("/new")
+    tab.log_in("submit")
+    name = f"double-{secrets.token_hex(3)}"
+    # the gpu queue: no worker serves it here, the job waits (and is cancelled at the end)
+    body = spec_body(minilm_inputs, tmp_path / "once", name=name, options={"device": "cuda"})
+    page.get_by_label("Job spec (YAML or JSON)").fill(yaml.safe_dump(body, sort_keys=False))
+    page.get_by_role("button", name="Submit").dblclick()
+    page.wait_for_url(JOB_URL)
+    page.locator("#job-status", has_text="queued").wait_for()
+    with service.client("submit") as http:
+        jobs = http.get("/v1/jobs", params={"name": name}).json()["jobs"]
+        assert [j["id"] for j in jobs] == [JOB_URL.match(page.url).group(1)]  # type: ignore[union-attr]
+        assert http.post(f"/v1/jobs/{jobs[0]['id']}/cancel").status_code == 202
+
 class Requests:
     """The API requests a page makes: the job list reads, the event streams (with their
     Last-Event-ID), the single job reads."""
