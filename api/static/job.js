@@ -46,7 +46,7 @@
       ["Created", MS.when(job.created_at)],
       ["Started", MS.when(job.started_at)],
       ["Finished", MS.when(job.finished_at)],
-      ["Duration", MS.duration(MS.parseTime(job.started_at), MS.parseTime(job.finished_at))],
+      ["Duration", job.started_at ? el("span", { id: "job-duration" }, duration()) : null],
       ["Worker", job.worker],
       ["Schedule", job.schedule_id],
     ]);
@@ -79,6 +79,18 @@
       showReport();
     }
   }
+
+  function duration() {
+    return MS.duration(MS.parseTime(job.started_at), MS.parseTime(job.finished_at));
+  }
+
+  // a job under way: its duration moves on between events (a long tensor, a Hub upload, a
+  // quiet stream), as on the jobs page
+  setInterval(() => {
+    const shown = $("job-duration");
+    if (!shown || !job || job.finished_at || document.hidden) return;
+    shown.textContent = duration();
+  }, 1000);
 
   // screen readers hear state changes and every tenth of the progress, not every tensor
   let announced = "";
