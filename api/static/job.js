@@ -36,8 +36,12 @@
     $("progress-text").textContent = [job.status, MS.progressText(p)].filter(Boolean).join(" · ");
     announce();
     const terminal = MS.TERMINAL.has(job.status);
+    // a disabled button drops the keyboard focus to the page: the one who pressed Cancel
+    // lands on Retry, the action the ended job now has
+    const cancelFocused = document.activeElement === $("cancel");
     $("cancel").disabled = terminal;
     $("retry").disabled = !terminal;
+    if (terminal && cancelFocused) $("retry").focus();
     $("edit").href = `/new?from=${job.id}`;
     facts($("job-facts"), [
       ["Method", spec.method && spec.method.name],

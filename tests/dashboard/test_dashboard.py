@@ -143,8 +143,11 @@ def test_cancel_a_running_job(tab: Tab, service: Service, minilm_inputs: Inputs,
     assert page.locator("#retry").is_disabled()
     tab.screenshot("1-running")
     page.once("dialog", lambda dialog: dialog.accept())
-    page.get_by_role("button", name="Cancel").click()
+    page.get_by_role("button", name="Cancel").focus()
+    page.keyboard.press("Enter")
     page.locator("#job-status", has_text="cancelled").wait_for(timeout=120_000)
+    # the focus was on Cancel, now disabled: it moved to Retry, not to the page's body
+    assert page.evaluate("document.activeElement.id") == "retry"
     record = service.wait_terminal(job_id)
     assert record.status == "cancelled"
     assert 0 < record.progress.done < record.progress.total
