@@ -203,6 +203,19 @@ def test_preflight_errors_next_to_the_spec(tab: Tab, service: Service, minilm_in
 
 
 
+def test_a_key_that_may_not_submit_is_not_a_spec_problem(tab: Tab, service: Service) -> None:
+    page = tab.page
+    tab.goto("/new")
+    tab.log_in("read")
+    editor = page.get_by_label("Job spec (YAML or JSON)")
+    editor.fill("name: x\n")  # a bad spec: a check with a submit key lists its problems
+    page.get_by_role("button", name="Check").click()
+    page.locator("#check-result", has_text="'submit' is needed").wait_for()
+    # the refusal is shown, and the spec is not marked invalid for it (nor listed as wrong)
+    assert editor.get_attribute("aria-invalid") is None
+    assert page.locator("#problems li").count() == 0
+    tab.screenshot("refused")
+
 def test_a_double_click_on_submit_queues_one_job(tab: Tab, service: Service,
                                                  minilm_inputs: Inputs, tmp_path: Path) -> None:
     page = tab.page
