@@ -374,9 +374,12 @@ def test_jobs_list_keeps_loaded_pages_when_new_jobs_come(tab: Tab, service: Serv
     page.get_by_role("button", name="Apply").click()
     rows = page.locator("tbody tr")
     expect(rows).to_have_count(25)
-    page.get_by_role("button", name="Load more").click()
+    page.get_by_role("button", name="Load more").focus()
+    page.keyboard.press("Enter")
     expect(rows).to_have_count(26)
     assert page.get_by_role("button", name="Load more").is_hidden()
+    # the hidden button had the focus: the job the last page brought has it now
+    assert page.evaluate("document.activeElement.getAttribute('href')") == f"/jobs/{ids[0]}"
     page.locator("#stream-state[data-state=live]").wait_for()
     newest = submit(26)
     page.locator(f"tr[data-id='{newest}']").wait_for(timeout=10_000)
