@@ -28,16 +28,29 @@ options:
   seed: 0
 `;
 
+  // the text the shown check is about: an edit since makes its verdict (valid, or these
+  // problems) stale, and the panel says so until the next check
+  let checked = null;
+  function markStale() {
+    const stale = checked !== null && text.value !== checked;
+    const note = $("check-stale");
+    if (stale && !note) result.prepend(el("p", { class: "muted", id: "check-stale" }, "The spec has changed since this check."));
+    else if (!stale && note) note.remove();
+  }
+
   async function check() {
     result.replaceChildren(el("p", { class: "muted" }, "Checking…"));
+    checked = null;
+    const sent = text.value;
     let answer;
     try {
       answer = await api("/v1/jobs:validate", {
-        method: "POST", body: text.value, headers: { "Content-Type": "application/yaml" } });
+        method: "POST", body: sent, headers: { "Content-Type": "application/yaml" } });
     } catch (e) {
       showProblems(`The check failed: ${MS.errorText(e)}`, e.problems || []);
       return null;
     }
+    checked = sent;
     if (answer.valid) {
       text.removeAttribute("aria-invalid");
       const r = answer.resolved;
@@ -52,6 +65,7 @@ options:
     } else {
       showProblems(`${answer.problems.length} problem(s):`, answer.problems);
     }
+    markStale();  // edited while the check was under way
     return answer;
   }
 
@@ -224,6 +238,7 @@ options:
     const note = required.length
       ? ` ${required.join(", ")} ${required.length > 1 ? "have" : "has"} no default: add ${required.length > 1 ? "them" : "it"} under method.params.`
       : "";
+    checked = null;
     result.replaceChildren(el("p", { class: "muted", id: "method-note" }, `Method set to ${m.name}. Not checked yet.${note}`));
     text.focus();
   }
@@ -252,6 +267,7 @@ options:
   }
 
   $("check").addEventListener("click", check);
+  text.addEventListener("input", markStale);
   $("spec-form").addEventListener("submit", submit);
   $("method-select").addEventListener("change", describeMethod);
   $("use-method").addEventListener("click", useMethod);

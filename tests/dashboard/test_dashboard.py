@@ -201,6 +201,21 @@ def test_preflight_errors_next_to_the_spec(tab: Tab, service: Service, minilm_in
     assert f"line {len(lines) + 1}" in page.locator("#problems").inner_text()
     tab.screenshot("2-schema-error")
 
+    # the problems belong to the text checked: once it is edited the panel says they may not
+    # hold any more, until the next check (an edit back to that text makes them current again)
+    stale = page.locator("#check-stale")
+    assert stale.count() == 0
+    page.get_by_label("Job spec (YAML or JSON)").press("End")
+    page.keyboard.type("#")
+    expect(stale).to_have_text("The spec has changed since this check.")
+    page.keyboard.press("Backspace")
+    expect(stale).to_have_count(0)
+    page.get_by_label("Job spec (YAML or JSON)").fill(text)
+    expect(stale).to_be_visible()
+    page.get_by_role("button", name="Check").click()
+    page.locator("#problems li", has_text="missing-model").wait_for()
+    expect(stale).to_have_count(0)
+
 
 
 def test_a_key_that_may_not_submit_is_not_a_spec_problem(tab: Tab, service: Service) -> None:
