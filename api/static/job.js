@@ -222,7 +222,12 @@
   });
   document.addEventListener("ms:key", load);
   document.addEventListener("DOMContentLoaded", () => {
-    if (MS.authRequired && !MS.key()) return;
+    if (MS.authRequired && !MS.key()) {
+      // not "loading": nothing is, until a key is entered
+      $("job-name").textContent = "Enter an API key to see this job.";
+      $("job-status").textContent = "unknown";
+      return;
+    }
     load();
   });
 })();

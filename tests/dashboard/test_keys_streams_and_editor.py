@@ -81,7 +81,8 @@ def test_a_new_tab_gets_the_key_from_an_open_tab(two_tabs: tuple[Tab, Tab], brow
         page.locator("#key-form").wait_for(state="visible")
         page.wait_for_timeout(500)
         assert page.locator("#key-form").is_visible()
-        assert page.locator("#job-status").inner_text() == "loading"
+        assert page.locator("#job-status").inner_text() == "unknown"  # nothing was read
+        assert page.locator("#job-name").inner_text() == "Enter an API key to see this job."
     finally:
         other.close()
 
@@ -109,6 +110,16 @@ def test_replayed_events_are_not_announced(tab: Tab, finished_job: dict[str, Any
     assert page.evaluate("window.__renders") == 1
     tab.screenshot("replayed")
 
+
+def test_a_job_page_without_a_key_asks_for_one(tab: Tab, finished_job: dict[str, Any]) -> None:
+    page = tab.page
+    tab.goto(f"/jobs/{finished_job['id']}")
+    expect(page.locator("#job-name")).to_have_text("Enter an API key to see this job.")
+    assert page.locator("#job-status").inner_text() != "loading"
+    tab.screenshot("1-no-key")
+    tab.log_in("read")
+    expect(page.locator("#job-status")).to_have_text("succeeded")
+    expect(page.locator("#job-name")).to_have_text(finished_job["name"])
 
 def test_a_dropped_stream_says_reconnecting_until_it_is_back(tab: Tab,
                                                              finished_job: dict[str, Any]
