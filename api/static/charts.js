@@ -66,7 +66,10 @@ const Charts = (() => {
       // within less than two decades, label 1, 2 and 5 of each as well
       const steps = decades.length > 3 ? [1] : [1, 2, 5];
       for (const e of decades) for (const m of steps) out.push(Number((m * 10 ** e).toPrecision(3)));
-      return out.filter((v) => v >= lo / 1.0001 && v <= hi * 1.0001);
+      const inside = out.filter((v) => v >= lo / 1.0001 && v <= hi * 1.0001);
+      // a narrow range (a spectrum from 0.0123 to 0.0170) holds no 1, 2 or 5: an axis without
+      // numbers; the linear ticks of the range read as well on a log axis that short
+      return inside.length >= 2 ? inside : ticks(lo, hi, false);
     }
     const step = 10 ** Math.floor(Math.log10((hi - lo) / 4 || 1));
     const nice = [1, 2, 5, 10].map((m) => m * step).find((st) => (hi - lo) / st <= 6) || step * 10;
@@ -78,7 +81,7 @@ const Charts = (() => {
   function axes(svg, y, yTicks, yLabel, xLabel, height = H) {
     for (const v of yTicks) {
       svg.append(s("line", { class: "grid", x1: M.l, x2: W - M.r, y1: y(v), y2: y(v) }),
-                 s("text", { x: M.l - 6, y: y(v) + 4, "text-anchor": "end" }, fmt(v)));
+                 s("text", { class: "y-tick", x: M.l - 6, y: y(v) + 4, "text-anchor": "end" }, fmt(v)));
     }
     svg.append(s("line", { class: "axis", x1: M.l, x2: M.l, y1: M.t, y2: H - M.b }),
                s("line", { class: "axis", x1: M.l, x2: W - M.r, y1: H - M.b, y2: H - M.b }),
@@ -89,12 +92,16 @@ const Charts = (() => {
 
   function barChart(kind, title, labels, values, yLabel, xLabel) {
     const named = values.length <= 24;  // room for (short) names under the bars
-    const height = named && values.length > 6 ? H + 60 : H;
+    const band = (W - M.l - M.r) / values.length;
+    const texts = labels.map((l, i) => (named ? shortName(l).slice(-22) : String(i)));
+    // names wider than their bar are slanted, or they overlap their neighbours' (an 11 px
+    // system sans averages under 6.5 px a character)
+    const slant = named && Math.max(...texts.map((t) => t.length)) * 6.5 > band * 0.95;
+    const height = slant ? H + 100 : H;
     const svg = s("svg", { viewBox: `0 0 ${W} ${height}` });
     const hi = Math.max(...values, 0) || 1;
     const y = scale(0, hi * 1.05, H - M.b, M.t);
     axes(svg, y, ticks(0, hi * 1.05), yLabel, xLabel, height);
-    const band = (W - M.l - M.r) / values.length;
     const every = Math.ceil(values.length / 12);  // at most a dozen x labels
     values.forEach((v, i) => {
       const x = M.l + i * band;
@@ -103,9 +110,8 @@ const Charts = (() => {
                    s("title", {}, `${labels[i]}: ${fmt(v)}`)));
       if (named || i % every === 0) {
         const lx = x + band / 2, ly = H - M.b + 12;
-        const text = named ? shortName(labels[i]).slice(-22) : String(i);
-        svg.append(s("text", { x: lx, y: ly, "text-anchor": values.length > 6 ? "end" : "middle",
-                               transform: values.length > 6 ? `rotate(-35 ${lx} ${ly})` : "" }, text));
+        svg.append(s("text", { class: "x-label", x: lx, y: ly, "text-anchor": slant ? "end" : "middle",
+                               transform: slant ? `rotate(-60 ${lx} ${ly})` : "" }, texts[i]));
       }
     });
     return figure(kind, title, `${title}: ${values.length} bars, largest ${fmt(hi)}.`, svg,

@@ -36,8 +36,12 @@
     $("progress-text").textContent = [job.status, MS.progressText(p)].filter(Boolean).join(" · ");
     announce();
     const terminal = MS.TERMINAL.has(job.status);
+    // a disabled button drops the keyboard focus to the page: the one who pressed Cancel
+    // lands on Retry, the action the ended job now has
+    const cancelFocused = document.activeElement === $("cancel");
     $("cancel").disabled = terminal;
     $("retry").disabled = !terminal;
+    if (terminal && cancelFocused) $("retry").focus();
     $("edit").href = `/new?from=${job.id}`;
     facts($("job-facts"), [
       ["Method", spec.method && spec.method.name],
@@ -46,7 +50,7 @@
       ["Created", MS.when(job.created_at)],
       ["Started", MS.when(job.started_at)],
       ["Finished", MS.when(job.finished_at)],
-      ["Duration", MS.duration(MS.parseTime(job.started_at), MS.parseTime(job.finished_at))],
+      ["Duration", job.started_at ? el("span", { id: "job-duration" }, duration()) : null],
       ["Worker", job.worker],
       ["Schedule", job.schedule_id],
     ]);
@@ -79,6 +83,18 @@
       showReport();
     }
   }
+
+  function duration() {
+    return MS.duration(MS.parseTime(job.started_at), MS.parseTime(job.finished_at));
+  }
+
+  // a job under way: its duration moves on between events (a long tensor, a Hub upload, a
+  // quiet stream), as on the jobs page
+  setInterval(() => {
+    const shown = $("job-duration");
+    if (!shown || !job || job.finished_at || document.hidden) return;
+    shown.textContent = duration();
+  }, 1000);
 
   // screen readers hear state changes and every tenth of the progress, not every tensor
   let announced = "";
@@ -206,7 +222,12 @@
   });
   document.addEventListener("ms:key", load);
   document.addEventListener("DOMContentLoaded", () => {
-    if (MS.authRequired && !MS.key()) return;
+    if (MS.authRequired && !MS.key()) {
+      // not "loading": nothing is, until a key is entered
+      $("job-name").textContent = "Enter an API key to see this job.";
+      $("job-status").textContent = "unknown";
+      return;
+    }
     load();
   });
 })();

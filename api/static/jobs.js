@@ -301,7 +301,13 @@
       if (gen !== generation) return;
       for (const job of page.jobs) if (!jobs.has(job.id)) jobs.set(job.id, job);
       cursor = page.next_cursor;
+      const focused = document.activeElement === more;
       render();
+      // the last page hid the button that had the focus: the first job it brought takes it
+      const first = page.jobs.find((j) => matches(j));
+      if (focused && more.hidden && first) {
+        tbody.querySelector(`tr[data-id="${first.id}"] a`).focus();
+      }
     } catch (e) {
       failed(e);
     } finally {

@@ -28,16 +28,29 @@ options:
   seed: 0
 `;
 
+  // the text the shown check is about: an edit since makes its verdict (valid, or these
+  // problems) stale, and the panel says so until the next check
+  let checked = null;
+  function markStale() {
+    const stale = checked !== null && text.value !== checked;
+    const note = $("check-stale");
+    if (stale && !note) result.prepend(el("p", { class: "muted", id: "check-stale" }, "The spec has changed since this check."));
+    else if (!stale && note) note.remove();
+  }
+
   async function check() {
     result.replaceChildren(el("p", { class: "muted" }, "Checking…"));
+    checked = null;
+    const sent = text.value;
     let answer;
     try {
       answer = await api("/v1/jobs:validate", {
-        method: "POST", body: text.value, headers: { "Content-Type": "application/yaml" } });
+        method: "POST", body: sent, headers: { "Content-Type": "application/yaml" } });
     } catch (e) {
       showProblems(`The check failed: ${MS.errorText(e)}`, e.problems || []);
       return null;
     }
+    checked = sent;
     if (answer.valid) {
       text.removeAttribute("aria-invalid");
       const r = answer.resolved;
@@ -52,11 +65,15 @@ options:
     } else {
       showProblems(`${answer.problems.length} problem(s):`, answer.problems);
     }
+    markStale();  // edited while the check was under way
     return answer;
   }
 
+  // the spec is invalid when problems are listed; a refused key or a server error says
+  // nothing about it
   function showProblems(title, problems) {
-    text.setAttribute("aria-invalid", "true");
+    if (problems.length) text.setAttribute("aria-invalid", "true");
+    else text.removeAttribute("aria-invalid");
     const list = el("ul", { class: "problems", id: "problems" });
     for (const p of problems) {
       const where = [p.field, p.model, p.tensor].filter(Boolean).join(" / ");
@@ -82,20 +99,38 @@ options:
     text.scrollTop = Math.max(0, (line - 3) * lineHeight);
   }
 
+  // One submission at a time: a double click (or Enter pressed twice) while the first is
+  // being checked and posted would queue the merge twice. The button stays focusable
+  // (aria-disabled, not disabled) so that the keyboard focus is not lost meanwhile; after a
+  // submission it stays so until the job's page has replaced this one.
+  let submitting = false;
   async function submit(ev) {
     ev.preventDefault();
+    if (submitting) return;
+    submitting = true;
+    $("submit").setAttribute("aria-disabled", "true");
     const answer = await check();
-    if (!answer || !answer.valid) { $("check-h").scrollIntoView(); return; }
-    const headers = {};
-    const key = $("idempotency").value.trim();
-    if (key) headers["Idempotency-Key"] = key;
-    try {
-      const job = await api("/v1/jobs", { method: "POST", json: answer.spec, headers });
-      window.location.assign(`/jobs/${job.id}`);
-    } catch (e) {
-      showProblems(`Not submitted: ${MS.errorText(e)}`, e.problems || []);
+    if (answer && answer.valid) {
+      const headers = {};
+      const key = $("idempotency").value.trim();
+      if (key) headers["Idempotency-Key"] = key;
+      try {
+        const job = await api("/v1/jobs", { method: "POST", json: answer.spec, headers });
+        window.location.assign(`/jobs/${job.id}`);
+        return;
+      } catch (e) {
+        showProblems(`Not submitted: ${MS.errorText(e)}`, e.problems || []);
+      }
+    } else {
+      $("check-h").scrollIntoView();
     }
+    submitting = false;
+    $("submit").removeAttribute("aria-disabled");
   }
+  // back to this page from the job's, out of the browser's page cache: ready to submit again
+  window.addEventListener("pageshow", (ev) => {
+    if (ev.persisted) { submitting = false; $("submit").removeAttribute("aria-disabled"); }
+  });
 
   function describeMethod() {
     const m = methods.find((x) => x.name === $("method-select").value);
@@ -203,6 +238,7 @@ options:
     const note = required.length
       ? ` ${required.join(", ")} ${required.length > 1 ? "have" : "has"} no default: add ${required.length > 1 ? "them" : "it"} under method.params.`
       : "";
+    checked = null;
     result.replaceChildren(el("p", { class: "muted", id: "method-note" }, `Method set to ${m.name}. Not checked yet.${note}`));
     text.focus();
   }
@@ -231,6 +267,7 @@ options:
   }
 
   $("check").addEventListener("click", check);
+  text.addEventListener("input", markStale);
   $("spec-form").addEventListener("submit", submit);
   $("method-select").addEventListener("change", describeMethod);
   $("use-method").addEventListener("click", useMethod);

@@ -257,9 +257,15 @@
   function labels() {
     const cron = $("s-when-kind").value === "cron";
     $("s-when-label").textContent = cron ? "Cron ([second] minute hour day month weekday)" : "Every (seconds)";
-    $("s-when").type = cron ? "text" : "number";
-    if (!cron && !/^\d+$/.test($("s-when").value)) $("s-when").value = "86400";
-    if (cron && /^\d+$/.test($("s-when").value)) $("s-when").value = "0 2 * * *";
+    // a number field refuses a cron text (a console warning, the value emptied): the value
+    // changes while the field's type still accepts it
+    if (cron) {
+      $("s-when").type = "text";
+      if (/^\d+$/.test($("s-when").value)) $("s-when").value = "0 2 * * *";
+    } else {
+      if (!/^\d+$/.test($("s-when").value)) $("s-when").value = "86400";
+      $("s-when").type = "number";
+    }
     $("s-collection-label").textContent = {
       directory: "Directory (absolute)", hub_collection: "Hub collection slug (namespace/title-<24 hex>)",
       sources: "Sources (one per line: org/name[@revision] or absolute directory)" }[$("s-collection-kind").value];

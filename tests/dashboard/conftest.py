@@ -26,7 +26,7 @@ from tests.service.conftest import (  # noqa: F401  (fixtures, used by name)
 
 CHROMIUM = Path(os.environ.get("MERGE_SERVICE_TEST_CHROMIUM", "/usr/bin/chromium"))
 ARTIFACTS = Path(__file__).parent / "artifacts"
-
+STATIC = Path(__file__).parents[2] / "api" / "static"
 
 
 @pytest.fixture(scope="session")
@@ -83,3 +83,20 @@ def tab(browser: Browser, service: Service,  # noqa: F811
     print("\n".join(opened.errors))
     context.close()
     assert opened.errors == [], opened.errors
+
+
+@pytest.fixture
+def charts_page(browser: Browser) -> Iterator[Page]:
+    """A page of `app.css`, `common.js` and `charts.js` alone (no service): `Charts.render`
+    on a report made up by the test."""
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.set_content('<!doctype html><html><body data-auth-required="false">'
+                     '<div id="charts" class="charts"></div></body></html>')
+    page.add_style_tag(path=str(STATIC / "app.css"))
+    page.add_script_tag(path=str(STATIC / "common.js"))
+    page.add_script_tag(path=str(STATIC / "charts.js"))
+    yield page
+    page.close()
+    assert errors == [], errors

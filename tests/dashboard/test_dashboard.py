@@ -143,8 +143,11 @@ def test_cancel_a_running_job(tab: Tab, service: Service, minilm_inputs: Inputs,
     assert page.locator("#retry").is_disabled()
     tab.screenshot("1-running")
     page.once("dialog", lambda dialog: dialog.accept())
-    page.get_by_role("button", name="Cancel").click()
+    page.get_by_role("button", name="Cancel").focus()
+    page.keyboard.press("Enter")
     page.locator("#job-status", has_text="cancelled").wait_for(timeout=120_000)
+    # the focus was on Cancel, now disabled: it moved to Retry, not to the page's body
+    assert page.evaluate("document.activeElement.id") == "retry"
     record = service.wait_terminal(job_id)
     assert record.status == "cancelled"
     assert 0 < record.progress.done < record.progress.total
@@ -198,6 +201,52 @@ def test_preflight_errors_next_to_the_spec(tab: Tab, service: Service, minilm_in
     assert f"line {len(lines) + 1}" in page.locator("#problems").inner_text()
     tab.screenshot("2-schema-error")
 
+    # the problems belong to the text checked: once it is edited the panel says they may not
+    # hold any more, until the next check (an edit back to that text makes them current again)
+    stale = page.locator("#check-stale")
+    assert stale.count() == 0
+    page.get_by_label("Job spec (YAML or JSON)").press("End")
+    page.keyboard.type("#")
+    expect(stale).to_have_text("The spec has changed since this check.")
+    page.keyboard.press("Backspace")
+    expect(stale).to_have_count(0)
+    page.get_by_label("Job spec (YAML or JSON)").fill(text)
+    expect(stale).to_be_visible()
+    page.get_by_role("button", name="Check").click()
+    page.locator("#problems li", has_text="missing-model").wait_for()
+    expect(stale).to_have_count(0)
+
+
+
+def test_a_key_that_may_not_submit_is_not_a_spec_problem(tab: Tab, service: Service) -> None:
+    page = tab.page
+    tab.goto("/new")
+    tab.log_in("read")
+    editor = page.get_by_label("Job spec (YAML or JSON)")
+    editor.fill("name: x\n")  # a bad spec: a check with a submit key lists its problems
+    page.get_by_role("button", name="Check").click()
+    page.locator("#check-result", has_text="'submit' is needed").wait_for()
+    # the refusal is shown, and the spec is not marked invalid for it (nor listed as wrong)
+    assert editor.get_attribute("aria-invalid") is None
+    assert page.locator("#problems li").count() == 0
+    tab.screenshot("refused")
+
+def test_a_double_click_on_submit_queues_one_job(tab: Tab, service: Service,
+                                                 minilm_inputs: Inputs, tmp_path: Path) -> None:
+    page = tab.page
+    tab.goto("/new")
+    tab.log_in("submit")
+    name = f"double-{secrets.token_hex(3)}"
+    # the gpu queue: no worker serves it here, the job waits (and is cancelled at the end)
+    body = spec_body(minilm_inputs, tmp_path / "once", name=name, options={"device": "cuda"})
+    page.get_by_label("Job spec (YAML or JSON)").fill(yaml.safe_dump(body, sort_keys=False))
+    page.get_by_role("button", name="Submit").dblclick()
+    page.wait_for_url(JOB_URL)
+    page.locator("#job-status", has_text="queued").wait_for()
+    with service.client("submit") as http:
+        jobs = http.get("/v1/jobs", params={"name": name}).json()["jobs"]
+        assert [j["id"] for j in jobs] == [JOB_URL.match(page.url).group(1)]  # type: ignore[union-attr]
+        assert http.post(f"/v1/jobs/{jobs[0]['id']}/cancel").status_code == 202
 
 class Requests:
     """The API requests a page makes: the job list reads, the event streams (with their
@@ -340,9 +389,12 @@ def test_jobs_list_keeps_loaded_pages_when_new_jobs_come(tab: Tab, service: Serv
     page.get_by_role("button", name="Apply").click()
     rows = page.locator("tbody tr")
     expect(rows).to_have_count(25)
-    page.get_by_role("button", name="Load more").click()
+    page.get_by_role("button", name="Load more").focus()
+    page.keyboard.press("Enter")
     expect(rows).to_have_count(26)
     assert page.get_by_role("button", name="Load more").is_hidden()
+    # the hidden button had the focus: the job the last page brought has it now
+    assert page.evaluate("document.activeElement.getAttribute('href')") == f"/jobs/{ids[0]}"
     page.locator("#stream-state[data-state=live]").wait_for()
     newest = submit(26)
     page.locator(f"tr[data-id='{newest}']").wait_for(timeout=10_000)

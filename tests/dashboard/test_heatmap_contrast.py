@@ -6,15 +6,12 @@ is needed: the page is `app.css` with `common.js` and `charts.js`."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page
+from playwright.sync_api import Page
 
 from tests.dashboard.conftest import ARTIFACTS
 
-STATIC = Path(__file__).parents[2] / "api" / "static"
 RGB = re.compile(r"rgb\((\d+),\s*(\d+),\s*(\d+)\)")
 
 
@@ -38,21 +35,6 @@ def rgb(text: str) -> tuple[int, int, int]:
     assert match, text
     r, g, b = (int(x) for x in match.groups())
     return (r, g, b)
-
-
-@pytest.fixture
-def charts_page(browser: Browser) -> Iterator[Page]:
-    page = browser.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.set_content('<!doctype html><html><body data-auth-required="false">'
-                     '<div id="charts" class="charts"></div></body></html>')
-    page.add_style_tag(path=str(STATIC / "app.css"))
-    page.add_script_tag(path=str(STATIC / "common.js"))
-    page.add_script_tag(path=str(STATIC / "charts.js"))
-    yield page
-    page.close()
-    assert errors == [], errors
 
 
 def test_every_point_of_the_ramp_has_a_readable_text_colour(charts_page: Page) -> None:

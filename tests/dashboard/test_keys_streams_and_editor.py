@@ -15,7 +15,7 @@ import yaml
 from playwright.sync_api import Browser, Route, expect
 
 from tests.dashboard.conftest import Tab
-from tests.service.conftest import Inputs, Service, spec_body
+from tests.service.conftest import Inputs, Service, slow_spec, spec_body, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +81,8 @@ def test_a_new_tab_gets_the_key_from_an_open_tab(two_tabs: tuple[Tab, Tab], brow
         page.locator("#key-form").wait_for(state="visible")
         page.wait_for_timeout(500)
         assert page.locator("#key-form").is_visible()
-        assert page.locator("#job-status").inner_text() == "loading"
+        assert page.locator("#job-status").inner_text() == "unknown"  # nothing was read
+        assert page.locator("#job-name").inner_text() == "Enter an API key to see this job."
     finally:
         other.close()
 
@@ -110,6 +111,16 @@ def test_replayed_events_are_not_announced(tab: Tab, finished_job: dict[str, Any
     tab.screenshot("replayed")
 
 
+def test_a_job_page_without_a_key_asks_for_one(tab: Tab, finished_job: dict[str, Any]) -> None:
+    page = tab.page
+    tab.goto(f"/jobs/{finished_job['id']}")
+    expect(page.locator("#job-name")).to_have_text("Enter an API key to see this job.")
+    assert page.locator("#job-status").inner_text() != "loading"
+    tab.screenshot("1-no-key")
+    tab.log_in("read")
+    expect(page.locator("#job-status")).to_have_text("succeeded")
+    expect(page.locator("#job-name")).to_have_text(finished_job["name"])
+
 def test_a_dropped_stream_says_reconnecting_until_it_is_back(tab: Tab,
                                                              finished_job: dict[str, Any]
                                                              ) -> None:
@@ -130,6 +141,38 @@ def test_a_dropped_stream_says_reconnecting_until_it_is_back(tab: Tab,
     assert page.locator("#connection").bounding_box()["height"] == 0  # type: ignore[index]
     tab.screenshot("2-back")
 
+
+
+def test_a_running_job_s_duration_moves_on_between_events(tab: Tab, service: Service,
+                                                         minilm_inputs: Inputs,
+                                                         tmp_path_factory: pytest.TempPathFactory
+                                                         ) -> None:
+    """A stream that says nothing for a while (a long tensor, a Hub upload; here one that
+    never answers): the job page's duration counts on, as the jobs list's does."""
+    page = tab.page
+    tab.goto("/new")
+    tab.log_in("read")
+    page.route(EVENTS, lambda route: None)  # held open, silent
+    with service.client("submit") as http:
+        created = http.post("/v1/jobs", json=slow_spec(
+            minilm_inputs, tmp_path_factory.mktemp("ticking") / "out"))
+        assert created.status_code == 202, created.text
+        job_id = created.json()["id"]
+        try:
+            wait_for(lambda: service.store.get(job_id).status == "running",  # type: ignore[union-attr]
+                     timeout=120, what="the job to run")
+            tab.goto(f"/jobs/{job_id}")
+            shown = page.locator("#job-duration")
+            shown.wait_for()
+            seconds = [float(shown.inner_text().removesuffix(" s"))]
+            page.wait_for_timeout(2500)
+            seconds.append(float(shown.inner_text().removesuffix(" s")))
+            assert seconds[1] - seconds[0] >= 1.5, seconds  # a tick a second
+            assert page.locator("#job-status").inner_text() == "running"  # no event came
+            tab.screenshot("ticking")
+        finally:
+            assert http.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+            service.wait_terminal(job_id)
 
 def test_a_stream_refused_with_403_asks_for_a_key(tab: Tab,
                                                   finished_job: dict[str, Any]) -> None:

@@ -232,3 +232,20 @@ def test_a_refused_key_stops_the_refresh_and_leaves_the_focus(tab: Tab, service:
     next_poll(page)
     assert page.locator("#notice").is_hidden()
     next_poll(page)
+
+
+def test_switching_between_cron_and_seconds_keeps_the_console_quiet(tab: Tab,
+                                                                    service: Service) -> None:
+    page = tab.page
+    warnings: list[str] = []
+    page.on("console", lambda m: warnings.append(m.text) if m.type == "warning" else None)
+    tab.goto("/schedules")
+    tab.log_in("submit")
+    page.locator("#s-method option[value=task_arithmetic]").wait_for(state="attached")
+    form = page.locator("#create")
+    form.get_by_label("Runs").select_option("every_seconds")
+    expect(form.get_by_label("Every (seconds)")).to_have_value("86400")
+    assert form.get_by_label("Every (seconds)").get_attribute("type") == "number"
+    form.get_by_label("Runs").select_option("cron")
+    expect(form.get_by_label("Cron", exact=False)).to_have_value("0 2 * * *")
+    assert warnings == [], warnings
