@@ -84,12 +84,16 @@ class _LineIndex:
     def __init__(self, text: str) -> None:
         self.lines: dict[str, int] = {}
         self._seen: set[int] = set()
+        self.error_line: int | None = None  # of a syntax error (the text's last at its end)
         try:
             root = yaml.compose(text)
             if root is not None:
                 self._walk(root, "")
-        except (yaml.YAMLError, RecursionError):  # the parser reports these; no lines
+        except (yaml.YAMLError, RecursionError) as exc:  # the parser reports these
             self.lines.clear()
+            mark = getattr(exc, "problem_mark", None)
+            if isinstance(exc, yaml.MarkedYAMLError) and mark is not None:
+                self.error_line = min(mark.line + 1, max(1, len(text.splitlines())))
 
     def _walk(self, node: yaml.Node, path: str) -> None:
         # a node an alias repeats is written once: walked once (its first path), so that a
@@ -116,6 +120,8 @@ class _LineIndex:
             field = field.rpartition(".")[0]
         if line is None and problem.model and spec is not None:
             line = self._model_line(problem.model, spec)
+        if line is None and problem.field is None and problem.model is None:
+            line = self.error_line  # the text is not YAML: its one problem says where
         return LocatedProblem(**problem.to_dict(), line=line)
 
     def _model_line(self, model: str, spec: JobSpec) -> int | None:

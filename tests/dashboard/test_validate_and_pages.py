@@ -101,9 +101,14 @@ def test_every_problem_is_reported_with_its_line(client: tuple[TestClient, JobSt
         *((p["field"], p["model"], p["line"]) for p in answer["problems"])]
     schema = check(http, text + "space: diagonal\n")  # not an unknown field: the schema alone
     assert [(p["field"], p["line"]) for p in schema["problems"]] == [("space", len(lines) + 1)]
-    # not YAML at all: one problem, no line
+    # not YAML at all: one problem, at the line the parser stopped (the last at the end)
     broken = check(http, "base: [unclosed\n")
     assert broken["valid"] is False and "not valid YAML" in broken["problems"][0]["message"]
+    assert broken["problems"][0]["line"] == 1
+    [indented] = check(http, "base: x\nmodels: y\n  bad: z\nspace: core\n")["problems"]
+    assert indented["line"] == 3 and "line 3, column" in indented["message"]
+    [json_text] = check(http, '{"base": "x",\n "models": [1,\n}\n', "application/json")["problems"]
+    assert json_text["line"] == 3
     assert check(http, "- a list\n")["problems"][0]["message"].startswith("the spec must be")
 
 
