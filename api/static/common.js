@@ -236,7 +236,8 @@ const MS = (() => {
 
   function when(value) {
     const d = value instanceof Date ? value : parseTime(value);
-    return d ? d.toLocaleString(undefined, { hour12: false }) : "";
+    // with its zone: schedules are written in UTC, the browser may be elsewhere
+    return d ? d.toLocaleString(undefined, { hour12: false, timeZoneName: "short" }) : "";
   }
 
   function progressText(p) {

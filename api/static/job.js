@@ -59,11 +59,14 @@
     $("error-section").hidden = !job.error;
     if (job.error) {
       $("error-type").textContent = job.error.type;
-      $("error-message").textContent = job.error.message;
       const problems = (job.error.details && job.error.details.problems) || [];
-      $("error-problems").replaceChildren(...problems.map((pr) => el("li", {},
-        [pr.field, pr.model, pr.tensor].filter(Boolean).join(" / ") + (pr.field || pr.model || pr.tensor ? ": " : ""),
-        pr.message)));
+      const where = (pr) => [pr.field, pr.model, pr.tensor].filter(Boolean).join(" / ");
+      const text = (pr) => (where(pr) ? `${where(pr)}: ` : "") + pr.message;
+      // the message of several problems lists them ("2 problems:" then a line each), and the
+      // message of one is that problem: the list below says it once, as a list
+      const listed = problems.length === 1 && job.error.message === text(problems[0]) ? [] : problems;
+      $("error-message").textContent = listed.length > 1 ? job.error.message.split("\n")[0] : job.error.message;
+      $("error-problems").replaceChildren(...listed.map((pr) => el("li", {}, text(pr))));
       $("error-details").textContent = JSON.stringify(job.error.details || {}, null, 2);
     }
 

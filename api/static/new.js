@@ -144,7 +144,7 @@ options:
       params.append(el("dt", {}, name),
                     el("dd", {}, p.default === undefined ? `${type}, required (no default)` : `${type}, default ${JSON.stringify(p.default)}`,
                        bounds.length ? ` (${bounds.join(", ")})` : "",
-                       p.enum ? ` one of ${p.enum.join(", ")}` : "",
+                       p.enum ? `; one of ${p.enum.join(", ")}` : "",
                        p.description ? el("div", { class: "muted" }, p.description) : null));
     }
     box.replaceChildren(el("p", {}, m.summary),

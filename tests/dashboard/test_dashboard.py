@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,59 @@ def test_cancel_a_running_job(tab: Tab, service: Service, minilm_inputs: Inputs,
     assert f"{record.progress.done} / {record.progress.total}" in \
         page.locator("#progress-text").inner_text()
     tab.screenshot("2-cancelled")
+
+
+def failed_job(service: Service, minilm_inputs: Inputs, tmp_path: Path, vanish: int) -> str:
+    """A job that passes the API's preflight, then fails in the worker: the first `vanish`
+    task models lose their weights while the worker is held."""
+    body = spec_body(minilm_inputs, tmp_path / f"out-{vanish}", name=f"fails-{vanish}")
+    for i in range(vanish):
+        task = tmp_path / f"vanishing-{vanish}-{i}"
+        task.mkdir()
+        for f in minilm_inputs.models[i].iterdir():
+            (task / f.name).symlink_to(f)
+        body["models"][i]["source"] = str(task)
+    with service.client("submit") as http:
+        service.workers[0].kill(signal.SIGSTOP)
+        try:
+            job_id = http.post("/v1/jobs", json=body).json()["id"]
+            for i in range(vanish):
+                (tmp_path / f"vanishing-{vanish}-{i}" / "model.safetensors").unlink()
+        finally:
+            service.workers[0].kill(signal.SIGCONT)
+    assert service.wait_terminal(job_id).status == "failed"
+    return job_id
+
+
+def test_a_failed_job_shows_its_error_once(tab: Tab, service: Service, minilm_inputs: Inputs,
+                                           tmp_path: Path) -> None:
+    page = tab.page
+    several = failed_job(service, minilm_inputs, tmp_path, vanish=2)
+    one = failed_job(service, minilm_inputs, tmp_path, vanish=1)
+    tab.goto(f"/jobs/{several}")
+    tab.log_in("read")
+    section = page.locator("#error-section")
+    section.wait_for()
+    assert page.locator("#error-type").inner_text() == "PreflightError"
+    # the message's head, then each problem once, as a list naming its model
+    assert page.locator("#error-message").inner_text() == "2 problems:"
+    items = page.locator("#error-problems li").all_inner_texts()
+    assert [item.split(":")[0] for item in items] == ["vanishing-2-0", "vanishing-2-1"], items
+    assert all("model.safetensors" in item for item in items), items
+    details = json.loads(page.locator("#error-details").text_content() or "{}")
+    assert len(details["problems"]) == 2
+    assert page.locator("#retry").is_enabled() and page.locator("#cancel").is_disabled()
+    # times carry their zone (schedules' crons are in UTC; the browser may be elsewhere)
+    queued = page.locator("#timeline li").first.inner_text()
+    assert re.search(r"\d\d:\d\d:\d\d (UTC|GMT[+-]?[\d:]*|[A-Z]{2,5})\b", queued), queued
+    tab.screenshot("1-several-problems")
+
+    tab.goto(f"/jobs/{one}")
+    page.locator("#error-section").wait_for()
+    message = page.locator("#error-message").inner_text()
+    assert message.startswith("vanishing-1-0: ") and "model.safetensors" in message
+    expect(page.locator("#error-problems li")).to_have_count(0)  # not said twice
+    tab.screenshot("2-one-problem")
 
 
 def test_preflight_errors_next_to_the_spec(tab: Tab, service: Service, minilm_inputs: Inputs,
