@@ -33,6 +33,15 @@ const Charts = (() => {
     return name.replace(/\.weight$/, "").replace(/^(model\.)?(encoder\.|decoder\.)?(layers?\.)/, "");
   }
 
+  // at most 26 characters (BERT's "11.attention.output.dense" whole), keeping the layer:
+  // "11.crossattention.output.dense" -> "11.….output.dense"
+  function barLabel(name) {
+    const parts = name.split(".");
+    const kept = name.length > 26 && parts.length > 3
+      ? `${parts[0]}.….${parts.slice(-2).join(".")}` : name;
+    return kept.length > 26 ? `…${kept.slice(-25)}` : kept;
+  }
+
   function figure(kind, title, description, svg, table, extra) {
     const id = `chart-${++uid}`;
     svg.setAttribute("role", "img");
@@ -93,7 +102,7 @@ const Charts = (() => {
   function barChart(kind, title, labels, values, yLabel, xLabel) {
     const named = values.length <= 24;  // room for (short) names under the bars
     const band = (W - M.l - M.r) / values.length;
-    const texts = labels.map((l, i) => (named ? shortName(l).slice(-22) : String(i)));
+    const texts = labels.map((l, i) => (named ? barLabel(shortName(l)) : String(i)));
     // names wider than their bar are slanted, or they overlap their neighbours' (an 11 px
     // system sans averages under 6.5 px a character)
     const slant = named && Math.max(...texts.map((t) => t.length)) * 6.5 > band * 0.95;

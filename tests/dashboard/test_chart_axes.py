@@ -67,6 +67,9 @@ def test_names_under_the_bars_do_not_overlap(charts_page: Page) -> None:
         figure = charts_page.locator("figure[data-chart=interference]")
         labels = figure.evaluate(BOXES, "x-label")
         assert len(labels) == n
+        # each keeps its layer and its module's name whole (these are 26 characters or less)
+        for name, label in zip(names, labels, strict=True):
+            assert label["text"] == name.removeprefix("encoder.layer.").removesuffix(".weight")
         svg = figure.locator("svg").bounding_box()
         assert svg is not None
         for i, a in enumerate(labels):
@@ -78,3 +81,11 @@ def test_names_under_the_bars_do_not_overlap(charts_page: Page) -> None:
                 assert not overlap(a["corners"], b["corners"]), (n, a, b)
         ARTIFACTS.mkdir(exist_ok=True)
         figure.screenshot(path=str(ARTIFACTS / f"chart_axes-bars-{n}.png"))
+
+
+def test_a_long_name_under_a_bar_keeps_its_layer(charts_page: Page) -> None:
+    names = ["encoder.layer.11.crossattention.output.dense.weight",
+             "encoder.layer.11.attention.output.dense.weight"]
+    render(charts_page, {"tensors": {name: {"interference": 1.0} for name in names}})
+    labels = charts_page.locator("figure[data-chart=interference] svg text.x-label")
+    assert labels.all_text_contents() == ["11.….output.dense", "11.attention.output.dense"]
