@@ -153,7 +153,9 @@ def test_submit_wait_from_the_command_line(service: Service, minilm_inputs: Inpu
 def test_ctrl_c_on_submit_wait_leaves_the_job_running(service: Service, minilm_inputs: Inputs,
                                                      tmp_path: Path) -> None:
     """The job is the service's: Ctrl-C stops following it, says so, and does not claim that
-    nothing was written."""
+    nothing was written. The worker is held (SIGSTOP) from the moment the merge is under way,
+    so that the job is still running when the follower is interrupted, however loaded the
+    machine."""
     name = f"ctrl-c-{secrets.token_hex(3)}"
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps(slow_spec(minilm_inputs, tmp_path / "merged") | {"name": name}))
@@ -162,20 +164,32 @@ def test_ctrl_c_on_submit_wait_leaves_the_job_running(service: Service, minilm_i
     follower = subprocess.Popen([sys.executable, "-m", "merge_service.cli", "submit",
                                  str(spec), "--wait"], env=env, stderr=subprocess.PIPE,
                                 text=True)
+    worker = service.workers[0]
     try:
         job = wait_for(lambda: next(iter(service.store.list(name=name)[0]), None), timeout=60,
                        what="the job")
-        wait_for(lambda: service.store.get(job.id).progress.done >= 2, timeout=120,
-                 interval=0.02, what="the merge to be under way")
-        follower.send_signal(signal.SIGINT)
-        _, err = follower.communicate(timeout=30)
+
+        def under_way() -> bool:
+            record = service.store.get(job.id)
+            return record is not None and record.progress is not None \
+                and record.progress.stage == "merging" and record.progress.done >= 2
+
+        wait_for(under_way, timeout=120, interval=0.01, what="the merge to be under way")
+        worker.kill(signal.SIGSTOP)
+        try:
+            assert service.store.get(job.id).status == "running"  # type: ignore[union-attr]
+            assert follower.poll() is None
+            follower.send_signal(signal.SIGINT)
+            _, err = follower.communicate(timeout=30)
+            assert service.store.get(job.id).status == "running"  # type: ignore[union-attr]
+        finally:
+            worker.kill(signal.SIGCONT)
     finally:
         follower.kill()
     assert follower.returncode == 2, err
     assert f"stopped following job {job.id}; it goes on in the service" in err
     assert "nothing was written" not in err and "Traceback" not in err
     assert err.count(": queued") == 1, err
-    assert service.store.get(job.id).status in ACTIVE
     with service.client("submit") as http:
         assert http.post(f"/v1/jobs/{job.id}/cancel").status_code == 202
     assert service.wait_terminal(job.id).status == "cancelled"
