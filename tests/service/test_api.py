@@ -24,7 +24,7 @@ from tests.service.conftest import (
     spec_body,
 )
 from workers.jobs import JobStore
-from workers.redis_server import EmbeddedRedis
+from workers.redis_server import EmbeddedRedis, free_port
 
 DB = 2
 
@@ -544,6 +544,33 @@ def test_openapi_documents_every_endpoint(client: TestClient) -> None:
         == "#/components/schemas/ErrorResponse"
     assert "HTTPValidationError" not in schemas
     assert client.get("/docs").status_code == 200
+
+
+# --- the OpenAPI document says what the API answers (for clients generated from it) ---------
+
+def documented(doc: dict[str, Any], method: str, path: str, status: int) -> dict[str, Any]:
+    return doc["paths"][path][method.lower()]["responses"][str(status)]
+
+
+def test_redis_down_is_a_documented_503(tmp_path: Path) -> None:
+    """While Redis is down every endpoint that reads the job store answers 503 in the error
+    shape; the document lists it, or a generated client can parse no answer of those."""
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    app = create_app(service_settings(url, tmp_path / "data"))
+    job_id = schedule_id = "0123456789abcdef0123"
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        doc = client.get("/openapi.json").json()
+        for method, path in [("GET", "/v1/jobs"), ("GET", "/v1/jobs/{job_id}"),
+                             ("GET", "/v1/jobs/{job_id}/report"),
+                             ("POST", "/v1/jobs/{job_id}/cancel"), ("GET", "/v1/schedules"),
+                             ("POST", "/v1/schedules/{schedule_id}/pause"),
+                             ("DELETE", "/v1/schedules/{schedule_id}")]:
+            response = client.request(method, path.format(job_id=job_id,
+                                                           schedule_id=schedule_id))
+            assert response.status_code == 503, path
+            assert error(response)["type"] == "Unavailable"
+            schema = documented(doc, method, path, 503)["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/ErrorResponse"}, path
 
 
 # --- auth ---------------------------------------------------------------------------------------
