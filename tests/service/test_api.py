@@ -573,6 +573,14 @@ def test_redis_down_is_a_documented_503(tmp_path: Path) -> None:
             assert schema == {"$ref": "#/components/schemas/ErrorResponse"}, path
 
 
+def test_metrics_are_documented_as_text(client: TestClient) -> None:
+    """With a schema for the body, a generated client returns the text (else it drops it)."""
+    doc = client.get("/openapi.json").json()
+    response = client.get("/metrics")
+    assert documented(doc, "GET", "/metrics", 200)["content"] == {
+        response.headers["content-type"]: {"schema": {"type": "string"}}}
+
+
 # --- auth ---------------------------------------------------------------------------------------
 
 ROLE_CASES = [  # (method, path, lowest role allowed)
