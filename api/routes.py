@@ -194,7 +194,11 @@ def healthz() -> Health:
 
 @router.get("/readyz", response_model=Readiness, tags=["operations"],
             responses={503: {"model": Readiness, "description": "not ready"}},
-            summary="Readiness: Redis reachable and at least one live worker")
+            summary="Readiness: Redis reachable and at least one live worker",
+            description="Answers without a key too; `workers` is then empty (except in local "
+            "mode).",
+            # FastAPI appends this to the key requirement: a key, or none
+            openapi_extra={"security": [{}]})
 def readyz(request: Request, response: Response,
            caller: Annotated[Principal | None, optional_principal()]) -> Readiness:
     readiness = Readiness.model_validate(service(request).readiness())

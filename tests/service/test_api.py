@@ -581,6 +581,26 @@ def test_metrics_are_documented_as_text(client: TestClient) -> None:
         response.headers["content-type"]: {"schema": {"type": "string"}}}
 
 
+def security(doc: dict[str, Any], method: str, path: str) -> list[dict[str, list[str]]]:
+    return doc["paths"][path][method]["security"]
+
+
+def test_the_document_says_when_a_key_is_needed(client: TestClient, keyed: TestClient) -> None:
+    """`{}` among an operation's security requirements: it answers without a key too."""
+    with_keys = keyed.get("/openapi.json").json()
+    assert security(with_keys, "get", "/v1/jobs") == [{"HTTPBearer": []}]
+    assert keyed.get("/v1/jobs").status_code == 401
+    assert security(with_keys, "get", "/readyz") == [{"HTTPBearer": []}, {}]
+    ready = keyed.get("/readyz")  # no worker: not ready, told without a key all the same
+    assert ready.status_code == 503 and ready.json()["workers"] == []
+
+    local = client.get("/openapi.json").json()  # local mode: no key anywhere
+    operations = [(method, path) for path, item in local["paths"].items() for method in item]
+    assert all({} in security(local, method, path) for method, path in operations
+               if path != "/healthz")
+    assert client.get("/v1/jobs").status_code == 200
+
+
 # --- auth ---------------------------------------------------------------------------------------
 
 ROLE_CASES = [  # (method, path, lowest role allowed)
