@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -599,6 +600,33 @@ def test_the_document_says_when_a_key_is_needed(client: TestClient, keyed: TestC
     assert all({} in security(local, method, path) for method, path in operations
                if path != "/healthz")
     assert client.get("/v1/jobs").status_code == 200
+
+
+def test_the_formats_of_cursor_and_last_event_id_are_documented(
+        client: TestClient, minilm_inputs: Inputs, tmp_path: Path) -> None:
+    """What the server hands out matches the documented pattern; what it refuses does not."""
+    doc = client.get("/openapi.json").json()
+
+    def pattern(path: str, name: str) -> re.Pattern[str]:
+        parameter, = (p for p in doc["paths"][path]["get"]["parameters"] if p["name"] == name)
+        return re.compile(parameter["schema"]["pattern"])
+
+    for i in range(2):
+        client.post("/v1/jobs", json=spec_body(minilm_inputs, tmp_path / f"out{i}"))
+    page = client.get("/v1/jobs", params={"limit": 1}).json()
+    cursor = pattern("/v1/jobs", "cursor")
+    assert cursor.match(page["next_cursor"])
+    assert not cursor.match("garbage")  # a 400 (test_invalid_cursor_is_a_400)
+
+    job_id = page["jobs"][0]["id"]
+    client.post(f"/v1/jobs/{job_id}/cancel")  # ended: its stream ends after the replay
+    stream = client.get(f"/v1/jobs/{job_id}/events").text
+    ids = [line.removeprefix("id: ") for line in stream.splitlines() if line.startswith("id: ")]
+    event_id = pattern("/v1/jobs/{job_id}/events", "last-event-id")
+    assert ids and all(event_id.match(i) for i in ids)
+    assert event_id.match("")
+    assert client.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": ""}).text == stream
+    assert not event_id.match("abc")  # a 400 (test_invalid_last_event_id_is_a_400)
 
 
 # --- auth ---------------------------------------------------------------------------------------
