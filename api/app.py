@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -94,7 +94,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     if not app.state.api_keys:
         app.add_middleware(LocalOnly)
+        app.openapi = _keys_optional(app)  # type: ignore[method-assign]
     return app
+
+
+def _keys_optional(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """Local mode: the document says what the server does, a request needs no key (each
+    operation's security also allows none)."""
+    document = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        doc = document()  # FastAPI's, which keeps it in app.openapi_schema
+        for item in doc["paths"].values():
+            for operation in item.values():
+                security = operation.get("security")
+                if security and {} not in security:
+                    security.append({})
+        return doc
+
+    return openapi
 
 
 def app_from_env() -> FastAPI:

@@ -97,4 +97,5 @@ ERROR_RESPONSES: OpenApiResponses = {
     **error_response(403, "the key's role does not allow this"),
     **error_response(413, "request body too large"),
     **error_response(422, "invalid parameters or body: every problem"),
+    **error_response(503, "the job store (Redis) is unavailable: try again shortly"),
 }

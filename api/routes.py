@@ -23,7 +23,7 @@ from api.errors import (
 from api.metrics import CONTENT_TYPE
 from api.models import Health, JobList, MethodInfo, Readiness
 from api.service import JobService
-from api.sse import all_events, check_event_id, job_events, latest_event_id
+from api.sse import EVENT_ID, all_events, check_event_id, job_events, latest_event_id
 from merge_service.errors import SpecError
 from merge_service.spec import JobSpec, duplicate_key_problem, spec_from_dict
 from workers.jobs import JOB_ID, JobRecord, JobStatus
@@ -32,10 +32,16 @@ router = APIRouter(responses=ERROR_RESPONSES)
 Reader = Annotated[Principal, require("read")]
 Submitter = Annotated[Principal, require("submit")]
 JobId = Annotated[str, Path(description="a job id", max_length=64)]
+LastEventId = Annotated[str | None, Header(
+    description="resume after this event: the `id` of the last event received",
+    json_schema_extra={"pattern": EVENT_ID.pattern})]
 _404 = error_response(404, "no such job")
 _409 = error_response(409, "not possible in the job's state")
 _422 = error_response(422, "every problem of the spec")
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# without a schema, a generated client discards the body; not for the event streams, where
+# tools read an OpenAPI 3.1 `schema` as that of each event
+_TEXT = {"schema": {"type": "string"}}
 
 
 def service(request: Request) -> JobService:
@@ -109,7 +115,8 @@ async def list_jobs(request: Request, principal: Reader,
                     status: JobStatus | None = None, name: str | None = None,
                     limit: Annotated[int, Query(ge=1, le=100)] = 20,
                     cursor: Annotated[str | None, Query(
-                        description="`next_cursor` of the previous page")] = None) -> JSONText:
+                        description="`next_cursor` of the previous page",
+                        json_schema_extra={"pattern": JOB_ID.pattern})] = None) -> JSONText:
     if cursor is not None and not JOB_ID.match(cursor):
         raise BadRequest("invalid cursor: pass the `next_cursor` of a previous page")
     return JSONText(await service(request).list_json(request.app.state.async_redis, status,
@@ -127,7 +134,7 @@ async def get_job(request: Request, job_id: JobId, principal: Reader) -> JSONTex
             responses={**_404, 200: {"content": {"text/event-stream": {}},
                                      "description": "`event: state|progress`, `data`: JSON"}})
 def get_job_events(request: Request, job_id: JobId, principal: Reader,
-                   last_event_id: Annotated[str | None, Header()] = None) -> StreamingResponse:
+                   last_event_id: LastEventId = None) -> StreamingResponse:
     svc = service(request)
     after = check_event_id(last_event_id)
     svc.get(job_id)  # 404 before the stream starts
@@ -147,7 +154,7 @@ def get_job_events(request: Request, job_id: JobId, principal: Reader,
                              "description": "`event: state|progress`, `data`: JSON with "
                                             "`job_id`"}})
 async def get_all_events(request: Request, principal: Reader,
-                         last_event_id: Annotated[str | None, Header()] = None
+                         last_event_id: LastEventId = None
                          ) -> StreamingResponse:
     store = service(request).store
     after = (check_event_id(last_event_id) if last_event_id
@@ -191,7 +198,11 @@ def healthz() -> Health:
 
 @router.get("/readyz", response_model=Readiness, tags=["operations"],
             responses={503: {"model": Readiness, "description": "not ready"}},
-            summary="Readiness: Redis reachable and at least one live worker")
+            summary="Readiness: Redis reachable and at least one live worker",
+            description="Answers without a key too; `workers` is then empty (except in local "
+            "mode).",
+            # FastAPI appends this to the key requirement: a key, or none
+            openapi_extra={"security": [{}]})
 def readyz(request: Request, response: Response,
            caller: Annotated[Principal | None, optional_principal()]) -> Readiness:
     readiness = Readiness.model_validate(service(request).readiness())
@@ -203,7 +214,7 @@ def readyz(request: Request, response: Response,
 
 
 @router.get("/metrics", tags=["operations"], response_class=Response,
-            responses={200: {"content": {CONTENT_TYPE: {}}}}, summary="Prometheus metrics")
+            responses={200: {"content": {CONTENT_TYPE: _TEXT}}}, summary="Prometheus metrics")
 def metrics(request: Request, principal: Reader) -> Response:
     try:
         body = request.app.state.metrics.render()

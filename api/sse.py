@@ -30,14 +30,14 @@ KEEPALIVE_MS = 15_000
 # a read blocked for KEEPALIVE_MS must not hit the socket timeout (redis-py's default: 5 s)
 STREAM_SOCKET_TIMEOUT_S = KEEPALIVE_MS / 1000 + 15
 UNAVAILABLE = ": the job store is unavailable; reconnect with Last-Event-ID\n\n"
-_EVENT_ID = re.compile(r"^\d+-\d+$")
+EVENT_ID = re.compile(r"^(\d+-\d+)?$")  # a Redis stream id (empty: none)
 
 
 def check_event_id(value: str | None) -> str:
     if value is None or value == "":
         return "0-0"
-    if not _EVENT_ID.match(value) or any(int(part) >= 2**64
-                                         for part in value.split("-")):  # Redis's range
+    if not EVENT_ID.match(value) or any(int(part) >= 2**64
+                                        for part in value.split("-")):  # Redis's range
         raise BadRequest(f"Last-Event-ID must be a stream id such as 1700000000000-0, got "
                          f"{value[:40]!r}")
     return value

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from tests.service.conftest import (
     spec_body,
 )
 from workers.jobs import JobStore
-from workers.redis_server import EmbeddedRedis
+from workers.redis_server import EmbeddedRedis, free_port
 
 DB = 2
 
@@ -544,6 +545,88 @@ def test_openapi_documents_every_endpoint(client: TestClient) -> None:
         == "#/components/schemas/ErrorResponse"
     assert "HTTPValidationError" not in schemas
     assert client.get("/docs").status_code == 200
+
+
+# --- the OpenAPI document says what the API answers (for clients generated from it) ---------
+
+def documented(doc: dict[str, Any], method: str, path: str, status: int) -> dict[str, Any]:
+    return doc["paths"][path][method.lower()]["responses"][str(status)]
+
+
+def test_redis_down_is_a_documented_503(tmp_path: Path) -> None:
+    """While Redis is down every endpoint that reads the job store answers 503 in the error
+    shape; the document lists it, or a generated client can parse no answer of those."""
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    app = create_app(service_settings(url, tmp_path / "data"))
+    job_id = schedule_id = "0123456789abcdef0123"
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        doc = client.get("/openapi.json").json()
+        for method, path in [("GET", "/v1/jobs"), ("GET", "/v1/jobs/{job_id}"),
+                             ("GET", "/v1/jobs/{job_id}/report"),
+                             ("POST", "/v1/jobs/{job_id}/cancel"), ("GET", "/v1/schedules"),
+                             ("POST", "/v1/schedules/{schedule_id}/pause"),
+                             ("DELETE", "/v1/schedules/{schedule_id}")]:
+            response = client.request(method, path.format(job_id=job_id,
+                                                           schedule_id=schedule_id))
+            assert response.status_code == 503, path
+            assert error(response)["type"] == "Unavailable"
+            schema = documented(doc, method, path, 503)["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/ErrorResponse"}, path
+
+
+def test_metrics_are_documented_as_text(client: TestClient) -> None:
+    """With a schema for the body, a generated client returns the text (else it drops it)."""
+    doc = client.get("/openapi.json").json()
+    response = client.get("/metrics")
+    assert documented(doc, "GET", "/metrics", 200)["content"] == {
+        response.headers["content-type"]: {"schema": {"type": "string"}}}
+
+
+def security(doc: dict[str, Any], method: str, path: str) -> list[dict[str, list[str]]]:
+    return doc["paths"][path][method]["security"]
+
+
+def test_the_document_says_when_a_key_is_needed(client: TestClient, keyed: TestClient) -> None:
+    """`{}` among an operation's security requirements: it answers without a key too."""
+    with_keys = keyed.get("/openapi.json").json()
+    assert security(with_keys, "get", "/v1/jobs") == [{"HTTPBearer": []}]
+    assert keyed.get("/v1/jobs").status_code == 401
+    assert security(with_keys, "get", "/readyz") == [{"HTTPBearer": []}, {}]
+    ready = keyed.get("/readyz")  # no worker: not ready, told without a key all the same
+    assert ready.status_code == 503 and ready.json()["workers"] == []
+
+    local = client.get("/openapi.json").json()  # local mode: no key anywhere
+    operations = [(method, path) for path, item in local["paths"].items() for method in item]
+    assert all({} in security(local, method, path) for method, path in operations
+               if path != "/healthz")
+    assert client.get("/v1/jobs").status_code == 200
+
+
+def test_the_formats_of_cursor_and_last_event_id_are_documented(
+        client: TestClient, minilm_inputs: Inputs, tmp_path: Path) -> None:
+    """What the server hands out matches the documented pattern; what it refuses does not."""
+    doc = client.get("/openapi.json").json()
+
+    def pattern(path: str, name: str) -> re.Pattern[str]:
+        parameter, = (p for p in doc["paths"][path]["get"]["parameters"] if p["name"] == name)
+        return re.compile(parameter["schema"]["pattern"])
+
+    for i in range(2):
+        client.post("/v1/jobs", json=spec_body(minilm_inputs, tmp_path / f"out{i}"))
+    page = client.get("/v1/jobs", params={"limit": 1}).json()
+    cursor = pattern("/v1/jobs", "cursor")
+    assert cursor.match(page["next_cursor"])
+    assert not cursor.match("garbage")  # a 400 (test_invalid_cursor_is_a_400)
+
+    job_id = page["jobs"][0]["id"]
+    client.post(f"/v1/jobs/{job_id}/cancel")  # ended: its stream ends after the replay
+    stream = client.get(f"/v1/jobs/{job_id}/events").text
+    ids = [line.removeprefix("id: ") for line in stream.splitlines() if line.startswith("id: ")]
+    event_id = pattern("/v1/jobs/{job_id}/events", "last-event-id")
+    assert ids and all(event_id.match(i) for i in ids)
+    assert event_id.match("")
+    assert client.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": ""}).text == stream
+    assert not event_id.match("abc")  # a 400 (test_invalid_last_event_id_is_a_400)
 
 
 # --- auth ---------------------------------------------------------------------------------------
