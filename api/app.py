@@ -153,8 +153,15 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         return await _api_error(request, BadRequest(
             "the body must be a JSON object (Content-Type: application/json)"))
     problems = [_problem(e) for e in errors]
+    # a body's problems are typed as the rest of its problems are (a job spec's SpecError, a
+    # schedule's ScheduleError); a query parameter's are an InvalidRequest
+    body_type = _BODY_ERRORS.get(request.url.path) \
+        if all(e["loc"][:1] == ("body",) for e in errors) else None
     return await _api_error(request, Invalid(f"the request has {len(problems)} problem(s)",
-                                             problems, type="SpecError"))
+                                             problems, type=body_type or "InvalidRequest"))
+
+
+_BODY_ERRORS = {"/v1/jobs": "SpecError", "/v1/schedules": "ScheduleError"}
 
 
 def _problem(error: dict[str, Any]) -> Problem:

@@ -234,6 +234,7 @@ def test_create_validates_every_problem_and_checks_roles(env: Env, tmp_path: Pat
                                    headers=env.headers() | {"Content-Type": "application/json"})
         assert response.status_code == 422, (change, response.text)
         error = response.json()["error"]
+        assert error["type"] == "ScheduleError", error  # the schema's and the checks' alike
         assert any(message in p["message"] for p in error["problems"]), (change, error)
 
     # checked before anything is stored: the method, the Hub destination's token, local paths
