@@ -147,9 +147,9 @@ async def _redis_error(request: Request, exc: Exception) -> JSONResponse:
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = list(exc.errors())
-    if any(e["type"] == "json_invalid" or (tuple(e["loc"]) == ("body",)
-                                            and isinstance(e.get("input"), bytes | str))
-           for e in errors):
+    if any(e["type"] == "json_invalid" or (tuple(e["loc"]) == ("body",) and e["type"] != "missing"
+                                            and not isinstance(e.get("input"), dict))
+           for e in errors):  # not JSON, or JSON but not an object (a string, a list, null)
         return await _api_error(request, BadRequest(
             "the body must be a JSON object (Content-Type: application/json)"))
     problems = [_problem(e) for e in errors]

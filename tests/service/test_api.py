@@ -222,6 +222,9 @@ def test_too_few_models_and_missing_body(client: TestClient, minilm_inputs: Inpu
 
 @pytest.mark.parametrize("content, headers", [
     (b'{"base": "x", "models": [', {"Content-Type": "application/json"}),
+    (b'[{"base": "x"}]', {"Content-Type": "application/json"}),
+    (b'"base: x"', {"Content-Type": "application/json"}),
+    (b"42", {"Content-Type": "application/json"}),
     (b"base: x", {"Content-Type": "application/json"}),
     (b'{"base": "x"}', {"Content-Type": "text/plain"}),
 ])
