@@ -150,6 +150,10 @@ def test_submit_wait_from_the_command_line(service: Service, minilm_inputs: Inpu
     assert "Forbidden" in capsys.readouterr().err
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_on_submit_wait_leaves_the_job_running(service: Service, minilm_inputs: Inputs,
                                                      tmp_path: Path) -> None:
     """The job is the service's: Ctrl-C stops following it, says so, and does not claim that
@@ -161,9 +165,12 @@ def test_ctrl_c_on_submit_wait_leaves_the_job_running(service: Service, minilm_i
     spec.write_text(json.dumps(slow_spec(minilm_inputs, tmp_path / "merged") | {"name": name}))
     env = service.env | {"MERGE_SERVICE_API_URL": service.url,
                          "MERGE_SERVICE_API_KEY": KEYS["submit"]}
+    # Ctrl-C as in a terminal: a shell without job control (CI's, or `make test &`) starts
+    # its background commands with SIGINT ignored, which the follower would inherit (Python
+    # then never raises KeyboardInterrupt)
     follower = subprocess.Popen([sys.executable, "-m", "merge_service.cli", "submit",
                                  str(spec), "--wait"], env=env, stderr=subprocess.PIPE,
-                                text=True)
+                                text=True, preexec_fn=_default_sigint)
     worker = service.workers[0]
     try:
         job = wait_for(lambda: next(iter(service.store.list(name=name)[0]), None), timeout=60,
