@@ -22,7 +22,6 @@ import json
 import random
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -35,15 +34,6 @@ SEED = 20261125
 
 class SourceMissingError(RuntimeError):
     """A Debian file the build reads is not installed."""
-
-
-@dataclass(frozen=True)
-class TaskPlan:
-    """How many examples of each label go to each split."""
-
-    name: str
-    per_label: dict[str, int]  # split -> examples per label
-    calibration: int  # unlabeled texts sampled from train
 
 
 SPLITS = {"train": 300, "validation": 50, "test": 100}
