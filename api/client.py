@@ -53,10 +53,10 @@ class ServiceClient:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._request("POST", f"/v1/jobs/{job_id}/cancel").json()
 
-    def events(self, job_id: str, last_event_id: str | None = None, retries: int = 5
-               ) -> Iterator[dict[str, Any]]:
+    def events(self, job_id: str, retries: int = 5) -> Iterator[dict[str, Any]]:
         """The job's events (`{"id", "type", "data"}`) until its terminal state; reconnects
         with Last-Event-ID when the connection drops."""
+        last_event_id: str | None = None
         attempt = 0
         while True:
             headers = {"Last-Event-ID": last_event_id} if last_event_id else {}

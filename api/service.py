@@ -189,7 +189,7 @@ class JobService:
 
     def cancel(self, job_id: str, principal: Principal) -> JobRecord:
         record = self.get(job_id)
-        self._check_owner(job_id, principal, "cancel")
+        self._check_owner(job_id, principal)
         if record.status in TERMINAL:
             raise Conflict(f"job {job_id} has already {record.status}")
         self.store.request_cancel(job_id)
@@ -229,12 +229,12 @@ class JobService:
             raise NotFound(f"job {job_id} has no report")
         return report
 
-    def _check_owner(self, job_id: str, principal: Principal, action: str) -> None:
+    def _check_owner(self, job_id: str, principal: Principal) -> None:
         if principal.role == "admin":
             return
         if self.store.internal(job_id)["submitted_by"] != principal.name:
             raise Forbidden(f"only the key that submitted job {job_id}, or an admin key, may "
-                            f"{action} it")
+                            "cancel it")
 
     # the rest
 

@@ -136,7 +136,6 @@ class BusyWorker(threading.Thread):
         self.url, self.base, self.models = url, base, models
         self.stop = threading.Event()
         self.jobs: list[str] = []
-        self.running_time = 0.0
 
     def run(self) -> None:
         with httpx.Client(base_url=self.url, timeout=120) as http:

@@ -313,12 +313,11 @@ def agreement(peft_out: dict[str, Path], ours: dict[str, Path], adapters: list[s
 # --------------------------------------------------------------------------- specs
 
 def merge_spec(name: str, method: str, base: Path, adapters: list[Path], out: Path, *,
-               space: str, fmt: str, include: list[str] | None = None,
-               params: dict | None = None) -> dict:
+               space: str, fmt: str, include: list[str] | None = None) -> dict:
     spec: dict = {
         "name": name, "base": str(base),
         "models": [{"source": str(a), "name": a.name} for a in adapters],
-        "method": {"name": method, "params": params or {"alpha": 1.0}},
+        "method": {"name": method, "params": {"alpha": 1.0}},
         "space": space,
         "output": {"format": fmt, "destination": str(out),
                    "dtype": "float32" if fmt == "lora" else "bfloat16"},

@@ -21,8 +21,7 @@ import gzip
 import json
 import random
 import re
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -35,15 +34,6 @@ SEED = 20261125
 
 class SourceMissingError(RuntimeError):
     """A Debian file the build reads is not installed."""
-
-
-@dataclass(frozen=True)
-class TaskPlan:
-    """How many examples of each label go to each split."""
-
-    name: str
-    per_label: dict[str, int]  # split -> examples per label
-    calibration: int  # unlabeled texts sampled from train
 
 
 SPLITS = {"train": 300, "validation": 50, "test": 100}
@@ -125,19 +115,15 @@ def wordnet_pos() -> dict[str, list[str]]:
                                ("adverb", "adv"))}
 
 
-def _by_lexfile(pos: str, keep: Iterable[str]) -> dict[str, list[str]]:
-    keep = list(keep)
+def wordnet_noun_lexfile() -> dict[str, list[str]]:
+    """A noun's definition -> its lexicographer file (the broad semantic class)."""
+    keep = ["noun.act", "noun.artifact", "noun.attribute", "noun.cognition",
+            "noun.communication", "noun.state"]
     out: dict[str, list[str]] = {k.split(".", 1)[1]: [] for k in keep}
-    for lexfile, definition in wordnet_glosses(pos):
+    for lexfile, definition in wordnet_glosses("noun"):
         if lexfile in keep:
             out[lexfile.split(".", 1)[1]].append(definition)
     return out
-
-
-def wordnet_noun_lexfile() -> dict[str, list[str]]:
-    """A noun's definition -> its lexicographer file (the broad semantic class)."""
-    return _by_lexfile("noun", ["noun.act", "noun.artifact", "noun.attribute", "noun.cognition",
-                                "noun.communication", "noun.state"])
 
 
 def word_pos() -> dict[str, list[str]]:

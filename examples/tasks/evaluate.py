@@ -154,18 +154,17 @@ def load_base() -> torch.nn.Module:
     return AutoModel.from_pretrained(base_model_path()).eval()
 
 
-def load_adapted(task: Task, merge: bool = True) -> torch.nn.Module:
-    """The base with the task's committed adapter (`PeftModel.from_pretrained`).
-
-    `merge=True` folds the LoRA update into the weights (`merge_and_unload`): the same
-    function, a plain `BertModel`, faster.
+def load_adapted(task: Task) -> torch.nn.Module:
+    """The base with the task's committed adapter (`PeftModel.from_pretrained`), the LoRA
+    update folded into the weights (`merge_and_unload`): the same function, a plain
+    `BertModel`, faster.
     """
     from peft import PeftModel
 
     if not (task.adapter_dir / "adapter_config.json").is_file():
         raise TaskDataError(f"{task.adapter_dir} has no adapter: train the task first")
     model = PeftModel.from_pretrained(load_base(), task.adapter_dir).eval()
-    return model.merge_and_unload() if merge else model
+    return model.merge_and_unload()
 
 
 def load_head(task: Task) -> torch.nn.Linear:
@@ -224,16 +223,14 @@ def embed(encoder: torch.nn.Module, texts: Sequence[str], batch_size: int = 64) 
 
 
 @torch.no_grad()
-def evaluate(encoder: torch.nn.Module, task: Task, split: str = "test",
-             head: torch.nn.Linear | None = None) -> float:
-    """Accuracy of `head(mean_pool(encoder(text)))` on a split (the task's own head by default).
-    """
+def evaluate(encoder: torch.nn.Module, task: Task, split: str = "test") -> float:
+    """Accuracy of `head(mean_pool(encoder(text)))` on a split, with the task's own head."""
     was_training = encoder.training
     encoder.eval()
     try:
         examples = task.split(split)
         features = embed(encoder, [e.text for e in examples])
-        head = load_head(task) if head is None else head
+        head = load_head(task)
         predicted = head(features.to(head.weight.dtype)).argmax(-1)
         labels = torch.tensor([e.label for e in examples])
         return float((predicted == labels).double().mean())

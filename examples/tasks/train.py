@@ -106,8 +106,8 @@ def length_bucketed(examples: list[Example], batch_size: int, rng: random.Random
     return batches
 
 
-def train_adapter(task: Task, recipe: Recipe, probe: torch.nn.Linear | None = None,
-                  log: bool = True) -> tuple[torch.nn.Module, torch.nn.Linear]:
+def train_adapter(task: Task, recipe: Recipe, probe: torch.nn.Linear | None = None
+                  ) -> tuple[torch.nn.Module, torch.nn.Linear]:
     """Fine-tune LoRA factors and the head jointly with cross-entropy (AdamW); the head starts
     from `probe` where the recipe says so."""
     from peft import LoraConfig, get_peft_model
@@ -131,7 +131,6 @@ def train_adapter(task: Task, recipe: Recipe, probe: torch.nn.Linear | None = No
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / steps)
     order = random.Random(recipe.seed)
     model.train()
-    step = 0
     started = time.monotonic()
     for epoch in range(recipe.epochs):
         total = 0.0
@@ -143,11 +142,8 @@ def train_adapter(task: Task, recipe: Recipe, probe: torch.nn.Linear | None = No
             optimizer.step()
             schedule.step()
             total += float(loss.detach()) * len(batch)
-            step += 1
-        if log:
-            print(f"  {task.name} epoch {epoch + 1}/{recipe.epochs}: train loss "
-                  f"{total / len(examples):.4f} ({time.monotonic() - started:.0f} s)",
-                  flush=True)
+        print(f"  {task.name} epoch {epoch + 1}/{recipe.epochs}: train loss "
+              f"{total / len(examples):.4f} ({time.monotonic() - started:.0f} s)", flush=True)
     model.eval()
     head.eval()
     return model, head

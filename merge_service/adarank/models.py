@@ -45,8 +45,6 @@ class HeadFile:
     weight_key: str
     bias_key: str | None
     pooling: str  # mean | cls
-    num_labels: int
-    hidden: int
 
     def load(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor,
                                                                       torch.Tensor | None]:
@@ -110,7 +108,7 @@ def read_head(path: Path, task: str, hidden: int | None) -> tuple[HeadFile | Non
                                 "supported (mean or cls)", model=task))
     if problems:
         return None, problems
-    return HeadFile(path, weights[0], biases[0] if biases else None, pooling, labels, width), []
+    return HeadFile(path, weights[0], biases[0] if biases else None, pooling), []
 
 
 def _head_metadata(path: Path) -> dict[str, str]:
