@@ -19,6 +19,10 @@ class MethodInfo(BaseModel):
     name: str
     summary: str
     output_formats: list[str]
+    spaces: list[str] = Field(description="the spaces it runs in for LoRA inputs (`space`; "
+                              "full checkpoints are always merged in full space)")
+    weights: bool = Field(description="whether it takes per-model `weight`s (false: a weight "
+                          "other than 1 is refused)")
     params: dict[str, dict[str, Any]] = Field(description="name -> type, default, description, "
                                                            "bounds")
 

@@ -158,6 +158,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
     for entry in entries:
         print(f"{entry['name']}  [{', '.join(entry['output_formats'])}]")
         print(f"    {entry['summary']}")
+        print(f"    LoRA spaces: {', '.join(entry['spaces'])}"
+              + ("" if entry["weights"] else "; no per-model weights"))
         for name, param in entry["params"].items():
             desc = f"  {param['description']}" if param["description"] else ""
             print(f"    {name} = {param['default']!r}{desc}")

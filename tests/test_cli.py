@@ -459,6 +459,8 @@ def test_methods_lists_every_method_with_params_and_defaults(
     for name, cls in available().items():
         assert f"{name}  [" in out
         assert cls.summary in out
+        weights = "" if cls.uses_weights else "; no per-model weights"
+        assert f"    LoRA spaces: {', '.join(sorted(cls.spaces))}{weights}\n" in out
         defaults = cls.Params().model_dump(mode="json")
         for param, default in defaults.items():
             if param != "svd_exclude":  # a list default (from a factory) is printed as None
@@ -473,6 +475,7 @@ def test_methods_json(capsys: pytest.CaptureFixture[str]) -> None:
     for entry in entries:
         cls = available()[entry["name"]]
         assert sorted(entry["output_formats"]) == sorted(cls.output_formats)
+        assert entry["spaces"] == sorted(cls.spaces) and entry["weights"] is cls.uses_weights
         defaults = cls.Params().model_dump(mode="json")
         assert set(entry["params"]) == set(defaults)
         for param, info in entry["params"].items():

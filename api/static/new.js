@@ -149,6 +149,8 @@ options:
     }
     box.replaceChildren(el("p", {}, m.summary),
                         el("p", {}, "Output formats: ", m.output_formats.join(", ")),
+                        el("p", {}, "Spaces for LoRA inputs: ", m.spaces.join(", "),
+                           m.weights ? "" : "; takes no per-model weights"),
                         Object.keys(m.params).length ? params : el("p", { class: "muted" }, "No parameters."));
   }
 

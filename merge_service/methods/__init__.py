@@ -83,6 +83,8 @@ def catalog() -> list[dict[str, Any]]:
             "name": name,
             "summary": cls.summary,
             "output_formats": sorted(cls.output_formats),
+            "spaces": sorted(cls.spaces),
+            "weights": cls.uses_weights,
             "params": params,
         })
     return entries

@@ -61,6 +61,11 @@ def test_submit_from_the_form_and_watch_it_succeed(tab: Tab, service: Service,
     # the catalog comes from GET /v1/methods
     page.get_by_label("Method").select_option("tsv")
     assert "alpha" in page.locator("#method-info").inner_text()
+    assert "Spaces for LoRA inputs: core, full, knots" in page.locator("#method-info").inner_text()
+    page.get_by_label("Method").select_option("rmm")
+    expect(page.locator("#method-info")).to_contain_text(
+        "Spaces for LoRA inputs: core, full; takes no per-model weights")
+    page.get_by_label("Method").select_option("tsv")
     destination = tmp_path / "merged"
     # two of the six layers: the charts need a few matrices, not all (the machine is shared)
     body = spec_body(minilm_inputs, destination, method="tsv", n_models=3, name="from-the-form",

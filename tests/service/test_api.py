@@ -489,6 +489,9 @@ def test_queue_routing(client: TestClient, store: JobStore, minilm_inputs: Input
 def test_methods_health_readiness_metrics(client: TestClient, store: JobStore) -> None:
     methods = client.get("/v1/methods").json()
     assert {"tsv", "ties", "iso_cts"} <= {m["name"] for m in methods}
+    by_name = {m["name"]: m for m in methods}
+    assert by_name["rmm"]["spaces"] == ["core", "full"] and by_name["rmm"]["weights"] is False
+    assert by_name["tsv"]["spaces"] == ["core", "full", "knots"] and by_name["tsv"]["weights"]
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 503 and ready.json()["problems"] == ["no live worker"]
