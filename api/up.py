@@ -115,6 +115,18 @@ def _api_server(config: Any) -> Any:
 
 
 def run_up(host: str, port: int, log_level: str) -> int:
+    """The service until Ctrl-C (or SIGTERM); the caller's signal handlers are restored at the
+    end, whichever way it ends (the tests call it in their own process)."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _run_up(host, port, log_level)
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:  # None: not set from Python; nothing to restore
+                signal.signal(sig, handler)
+
+
+def _run_up(host: str, port: int, log_level: str) -> int:
     import uvicorn
 
     from api.app import create_app

@@ -183,8 +183,11 @@ def test_a_second_up_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         env_before = os.environ.get("MERGE_SERVICE_DATA_DIR")
         os.environ["MERGE_SERVICE_DATA_DIR"] = str(data_dir)
+        handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
         try:
             assert cli(["up", "--port", str(free_port())]) == 1
+            # this process's own Ctrl-C and SIGTERM are as they were
+            assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers
         finally:
             if env_before is None:
                 os.environ.pop("MERGE_SERVICE_DATA_DIR")
