@@ -144,6 +144,10 @@ async def _redis_error(request: Request, exc: Exception) -> JSONResponse:
         headers={"Retry-After": "5"}))
 
 
+# the error type of a body's schema problems: the one its other problems have
+_BODY_ERRORS = {"/v1/jobs": "SpecError", "/v1/schedules": "ScheduleError"}
+
+
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = list(exc.errors())
@@ -159,9 +163,6 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         if all(e["loc"][:1] == ("body",) for e in errors) else None
     return await _api_error(request, Invalid(f"the request has {len(problems)} problem(s)",
                                              problems, type=body_type or "InvalidRequest"))
-
-
-_BODY_ERRORS = {"/v1/jobs": "SpecError", "/v1/schedules": "ScheduleError"}
 
 
 def _problem(error: dict[str, Any]) -> Problem:
