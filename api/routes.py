@@ -64,8 +64,8 @@ async def unique_keys(request: Request) -> None:
 
 
 class _SpecRoute(APIRoute):
-    """`POST /v1/jobs`: a 422 for a spec with unknown fields also lists what preflight finds in
-    the rest of it (FastAPI's validation of the body stops at the schema)."""
+    """`POST /v1/jobs`: a 422 for a spec with unknown fields or invalid values also lists what
+    preflight finds in the rest of it (FastAPI's validation of the body stops at the schema)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()

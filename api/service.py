@@ -144,8 +144,8 @@ class JobService:
 
     def every_problem(self, error: SpecError) -> list[Problem]:
         """The problems of a spec that does not match the schema, and, when it is valid less
-        its unknown fields, what preflight finds in the rest (a typo must not hide the
-        other problems until it is fixed)."""
+        its unknown fields and invalid values, what preflight finds in the rest (a typo must
+        not hide the other problems until it is fixed)."""
         if error.partial is None:
             return error.problems
         try:

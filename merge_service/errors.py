@@ -39,6 +39,11 @@ def capped(problems: list[Problem], label: str, limit: int = 20) -> list[Problem
                                        model=label)]
 
 
+def within(field: str | None, fields: list[str]) -> bool:
+    """Whether the dotted spec path `field` is one of `fields` or lies inside one."""
+    return field is not None and any(field == f or field.startswith(f + ".") for f in fields)
+
+
 class MergeServiceError(Exception):
     """Base class of every error the library raises on purpose."""
 
@@ -64,18 +69,22 @@ class InvalidInputError(MergeServiceError):
 class SpecError(InvalidInputError):
     """The job spec does not parse or does not match the schema.
 
-    `partial`: the spec less its unknown fields, when that much is a valid spec, so that
-    preflight can still report the problems of the rest (every problem at once, not one typo
-    at a time)."""
+    `partial`: the spec less its unknown fields and invalid values, when that much is a valid
+    spec (the invalid values then take their defaults), so that preflight can still report
+    the problems of the rest: every problem at once, not one typo at a time. `replaced`: the
+    dotted fields left out of it; preflight's word on them would be about their defaults."""
 
     def __init__(self, problems: list[Problem] | Problem | str,
-                 partial: JobSpec | None = None) -> None:
+                 partial: JobSpec | None = None, replaced: list[str] | None = None) -> None:
         super().__init__(problems)
         self.partial = partial
+        self.replaced = replaced or []
 
     def with_problems_of_partial(self, preflight_problems: list[Problem]) -> SpecError:
-        """This error with what preflight found in `partial` added (duplicates left out)."""
-        extra = [p for p in preflight_problems if p not in self.problems]
+        """This error with what preflight found in `partial` added: duplicates and problems
+        of the fields left out of it are not."""
+        extra = [p for p in preflight_problems
+                 if p not in self.problems and not within(p.field, self.replaced)]
         return SpecError(self.problems + extra) if extra else self
 
 

@@ -18,7 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from merge_service.errors import Problem, SpecError
+from merge_service.errors import Problem, SpecError, within
 
 OutputFormat = Literal["full", "lora", "reversible", "compressed"]
 OutputDtype = Literal["float32", "float16", "bfloat16"]
@@ -172,9 +172,10 @@ def derive_task_name(source: str) -> str:
 
 def spec_from_dict(data: Any) -> JobSpec:
     """Validate a parsed document; every schema problem is reported at once. The error holds
-    the spec less its unknown fields when that much is valid (`SpecError.partial`), and the
-    problems an unknown field hid (pydantic stops at the first broken level: a mistyped key
-    in the only model entry hides "a merge needs at least 2 models")."""
+    the spec less its unknown fields and invalid values when that much is valid (each invalid
+    value then takes its default: `SpecError.partial`, with those fields in
+    `SpecError.replaced`), and the problems they hid (pydantic stops at the first broken
+    level: a mistyped key in the only model entry hides "a merge needs at least 2 models")."""
     if not isinstance(data, dict):
         raise SpecError(Problem("the spec must be a mapping (YAML or JSON object)"))
     try:
@@ -182,15 +183,19 @@ def spec_from_dict(data: Any) -> JobSpec:
     except ValidationError as exc:
         errors = exc.errors()
     problems = [problem_from_pydantic(err) for err in errors]
-    unknown = [tuple(err["loc"]) for err in errors if err["type"] == "extra_forbidden"]
+    # a field can be left out where it is a key of a mapping; a broken list item cannot
+    # (the items after it would change places)
+    broken = sorted({tuple(err["loc"]) for err in errors
+                     if err["loc"] and isinstance(err["loc"][-1], str)})
+    replaced = [".".join(map(str, loc)) for loc in broken]
     partial = None
-    if unknown:
+    if broken:
         try:
-            partial = JobSpec.model_validate(_without_fields(data, unknown))
-        except ValidationError as rest:
+            partial = JobSpec.model_validate(_without_fields(data, broken))
+        except ValidationError as rest:  # what they hid, less "field required" for themselves
             problems += [p for p in map(problem_from_pydantic, rest.errors())
-                         if p not in problems]
-    raise SpecError(problems, partial)
+                         if p not in problems and not within(p.field, replaced)]
+    raise SpecError(problems, partial, replaced)
 
 
 def _without_fields(data: Any, locations: list[tuple[Any, ...]]) -> Any:

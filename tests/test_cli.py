@@ -361,11 +361,12 @@ def test_a_typo_in_the_spec_does_not_hide_the_other_problems(
     spec = job(synthetic.base, [synthetic.tasks[0], tmp_path / "absent"], tmp_path / "out",
                method="ties", params={"alpah": 0.3})
     spec["models"][0]["wieght"] = 2
+    spec["output"]["dtype"] = "float99"  # an invalid value hides nothing either
     code, out, err = run(capsys, "validate", write_spec(tmp_path, **spec))
     assert code == 1
-    assert err.startswith("error: 3 problems:") and out == ""
+    assert err.startswith("error: 4 problems:") and out == ""
     for fragment in ("models.0.wieght: unknown field", "method.params.alpah: unknown parameter",
-                     "absent", "does not exist"):
+                     "output.dtype: Input should be", "absent", "does not exist"):
         assert fragment in err, fragment
     code, _, merge_err = run(capsys, "merge", write_spec(tmp_path, **spec))
     assert (code, merge_err) == (1, err)

@@ -137,11 +137,49 @@ def test_the_rest_of_a_spec_with_unknown_fields_is_kept_for_preflight() -> None:
     with pytest.raises(SpecError) as info:
         spec_from_dict(data)
     assert info.value.partial == spec_from_dict(FULL)
-    data["base"] = 7  # a problem of the rest: no partial spec
+    data["base"] = 7  # a required field left out: no partial spec, and no "field required"
     with pytest.raises(SpecError) as info:
         spec_from_dict(data)
     assert info.value.partial is None
     assert {p.field for p in info.value.problems} == {"models.0.wieght", "outptu", "base"}
+
+
+def test_invalid_values_take_their_defaults_in_the_partial_spec() -> None:
+    """An invalid value hides no more than a typo does: preflight checks the rest with the
+    field's default in its place, and `replaced` names it so that what preflight says of
+    the default is not reported."""
+    data = json.loads(json.dumps(FULL))
+    data["output"]["dtype"] = "float99"
+    data["options"]["device"] = "gpu"
+    data["models"][1]["weight"] = "heavy"
+    data["models"][0]["wieght"] = 2
+    with pytest.raises(SpecError) as info:
+        spec_from_dict(data)
+    error = info.value
+    assert {p.field for p in error.problems} == {
+        "output.dtype", "options.device", "models.1.weight", "models.0.wieght"}
+    assert sorted(error.replaced) == ["models.0.wieght", "models.1.weight", "options.device",
+                                      "output.dtype"]
+    defaults = json.loads(json.dumps(FULL))
+    del defaults["output"]["dtype"], defaults["options"]["device"]
+    assert error.partial == spec_from_dict(defaults)
+    assert (error.partial.output.dtype, error.partial.options.device,
+            error.partial.models[1].weight) == (None, "auto", 1.0)
+    # preflight's word on a field left out is about its default: dropped; the rest is kept
+    merged = error.with_problems_of_partial([Problem("x", field="output.dtype"),
+                                             Problem("y", field="options.device.index"),
+                                             Problem("missing", model="a")])
+    assert [p.message for p in merged.problems][-1] == "missing"
+    assert len(merged.problems) == len(error.problems) + 1
+
+
+def test_a_broken_list_item_is_not_left_out() -> None:
+    """Leaving out a list item would move the items after it: no partial spec."""
+    data = json.loads(json.dumps(FULL))
+    data["models"][0] = "org/a"
+    with pytest.raises(SpecError) as info:
+        spec_from_dict(data)
+    assert info.value.partial is None and info.value.replaced == []
 
 
 def test_what_an_unknown_field_hid_is_reported_with_it() -> None:

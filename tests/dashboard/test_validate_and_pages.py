@@ -99,8 +99,12 @@ def test_every_problem_is_reported_with_its_line(client: tuple[TestClient, JobSt
     assert [(p["field"], p["model"], p["line"]) for p in schema["problems"]] == [
         ("colour", None, len(lines) + 1),
         *((p["field"], p["model"], p["line"]) for p in answer["problems"])]
-    schema = check(http, text + "space: diagonal\n")  # not an unknown field: the schema alone
-    assert [(p["field"], p["line"]) for p in schema["problems"]] == [("space", len(lines) + 1)]
+    # an invalid value: its default stands in for it while preflight checks the rest
+    schema = check(http, text + "space: diagonal\n")
+    assert schema["valid"] is False and schema["spec"] is None
+    assert [(p["field"], p["model"], p["line"]) for p in schema["problems"]] == [
+        ("space", None, len(lines) + 1),
+        *((p["field"], p["model"], p["line"]) for p in answer["problems"])]
     # not YAML at all: one problem, at the line the parser stopped (the last at the end)
     broken = check(http, "base: [unclosed\n")
     assert broken["valid"] is False and "not valid YAML" in broken["problems"][0]["message"]

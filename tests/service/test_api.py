@@ -127,10 +127,11 @@ def test_unknown_fields_are_each_reported(client: TestClient, store: JobStore,
 
 def test_a_typo_does_not_hide_the_other_problems(client: TestClient, store: JobStore,
                                                  minilm_inputs: Inputs, tmp_path: Path) -> None:
-    """The spec less its unknown fields is preflighted too: one 422 lists every problem, on
-    submit and in the spec editor's check."""
+    """The spec less its unknown fields and invalid values is preflighted too: one 422 lists
+    every problem, on submit and in the spec editor's check."""
     body = spec_body(minilm_inputs, tmp_path / "out", params={"alpah": 0.3})
     body["models"][0]["wieght"] = 2
+    body["models"][1]["weight"] = "heavy"  # an invalid value: its default stands in for it
     body["models"].append({"source": str(tmp_path / "missing")})
     response = client.post("/v1/jobs", json=body)
     assert response.status_code == 422
@@ -138,10 +139,12 @@ def test_a_typo_does_not_hide_the_other_problems(client: TestClient, store: JobS
     assert err["type"] == "SpecError"
     found = {(p["field"], p["model"], p["message"].split(" (")[0]) for p in err["problems"]}
     assert {("models.0.wieght", None, "unknown field"),
+            ("models.1.weight", None,
+             "Input should be a valid number, unable to parse string as a number"),
             ("method.params.alpah", None, "unknown parameter")} <= found
     assert any(model == "missing" and "does not exist" in message
                for _, model, message in found), found
-    assert len(found) == 3
+    assert len(found) == 4
     assert queued_messages(store) == 0
     checked = client.post("/v1/jobs:validate", json=body).json()
     assert not checked["valid"]
@@ -163,7 +166,8 @@ def test_nan_and_infinity_are_refused(client: TestClient, store: JobStore,
                            headers={"Content-Type": "application/json"})
     assert response.status_code == 422
     assert [(p["field"], p["message"]) for p in error(response)["problems"]] == [
-        ("models.0.weight", "Input should be a finite number")]
+        ("models.0.weight", "Input should be a finite number"),  # and what it did not hide:
+        ("method.params.alpha", "Input should be a finite number (method task_arithmetic)")]
     assert queued_messages(store) == 0
 
 
