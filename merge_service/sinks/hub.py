@@ -11,12 +11,15 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from merge_service.errors import HubPushError, Problem
-from merge_service.sources.resolve import HubOptions
+from merge_service.sources.resolve import HubOptions, request_errors
 
 HUB_SCHEME = "hub://"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
@@ -39,7 +42,80 @@ def hub_destination_problems(destination: str, hub: HubOptions) -> list[Problem]
     if not hub.token:
         problems.append(Problem("pushing to the Hub needs a token with write access: configure "
                                 "MERGE_SERVICE_HF_TOKEN", field="output.destination"))
+    elif not problems:  # a refusal is asked again: the user may just have been given rights
+        refusal = write_refusal(repo_id, whoami(hub)) and write_refusal(
+            repo_id, whoami(hub, fresh=True))
+        if refusal:
+            problems.append(Problem(refusal, field="output.destination"))
     return problems
+
+
+_WHOAMI_TTL = 300.0  # seconds: the Hub rate-limits whoami, and every submit checks
+_whoami_cache: dict[tuple[str | None, str], tuple[float, dict[str, Any] | None]] = {}
+_whoami_lock = threading.Lock()
+
+
+def whoami(hub: HubOptions, fresh: bool = False) -> dict[str, Any] | None:
+    """What the Hub says of the configured token (`/api/whoami-v2`), cached per endpoint and
+    token for a few minutes unless `fresh`. `{}`: the Hub refused the token (401). None: no
+    answer to judge by (unreachable, offline, another error), so the push will tell."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    key = (hub.endpoint, hub.token or "")
+    with _whoami_lock:
+        cached = _whoami_cache.get(key)
+    if not fresh and cached is not None and time.monotonic() - cached[0] < _WHOAMI_TTL:
+        return cached[1]
+    unanswered: tuple[type[Exception], ...] = (OSError, ValueError, *request_errors())
+    answer: dict[str, Any] | None
+    try:
+        answer = HfApi(endpoint=hub.endpoint, token=hub.token).whoami()
+    except HfHubHTTPError as exc:
+        if exc.response is None or exc.response.status_code != 401:
+            return None
+        answer = {}
+    except unanswered:
+        return None
+    with _whoami_lock:
+        _whoami_cache[key] = (time.monotonic(), answer)
+    return answer
+
+
+def write_refusal(repo_id: str, who: dict[str, Any] | None) -> str | None:
+    """Why the token that `who` describes cannot push to `repo_id`, when the Hub's answer says
+    so for certain: an invalid token, a read-only one, a namespace that is neither its user's
+    nor one of its organisations' (an organisation where it may only read), or a fine-grained
+    token with no `repo.write` on the namespace or the repo. None where it may, or where the
+    answer cannot tell (then the push tells)."""
+    if who is None:
+        return None
+    if not who:
+        return "the Hub refuses the configured token (MERGE_SERVICE_HF_TOKEN): invalid credentials"
+    token = (who.get("auth") or {}).get("accessToken") or {}
+    user = who.get("name")
+    namespace = repo_id.split("/")[0]
+    role = token.get("role")
+    if role == "read":
+        return (f"the configured Hub token (user {user}) is read-only: pushing to {repo_id} "
+                "needs one with write access")
+    if role == "write":
+        orgs = {org.get("name"): org.get("roleInOrg") for org in who.get("orgs") or []}
+        if namespace == user or (namespace in orgs and orgs[namespace] != "read"):
+            return None
+        writable = [user, *sorted(name for name, r in orgs.items() if r != "read")]
+        return (f"the configured Hub token (user {user}) cannot create or change repos under "
+                f"{namespace!r}; it may write under: {', '.join(map(str, writable))}")
+    if role == "fineGrained":
+        for scope in (token.get("fineGrained") or {}).get("scoped") or []:
+            entity = scope.get("entity") or {}
+            if "repo.write" in (scope.get("permissions") or []) and (
+                    (entity.get("type") in ("user", "org") and entity.get("name") == namespace)
+                    or (entity.get("type") == "model" and entity.get("name") == repo_id)):
+                return None
+        return (f"the configured fine-grained Hub token (user {user}) grants no repo.write on "
+                f"{namespace!r} or on {repo_id}")
+    return None
 
 
 @dataclass(frozen=True)

@@ -105,7 +105,7 @@ def _resolve_hub(source: str, repo_id: str, revision: str | None, label: str,
     )
 
     fetch_errors: tuple[type[Exception], ...] = (OSError, ValueError, KeyError,
-                                                   *_request_errors())
+                                                   *request_errors())
     api = HfApi(endpoint=hub.endpoint, token=hub.token)
     try:
         info = api.model_info(repo_id, revision=revision, files_metadata=headers_only)
@@ -242,7 +242,7 @@ def _fetch_header(repo_id: str, sha: str, filename: str, hub: HubOptions) -> byt
     return content[:8 + length]
 
 
-def _request_errors() -> tuple[type[Exception], ...]:
+def request_errors() -> tuple[type[Exception], ...]:
     """Requests that could not complete (connection refused, DNS, timeout) in the HTTP library
     of huggingface_hub: httpx2 (2.x) or httpx (1.x). They are not OSErrors, unlike those of
     requests (0.x)."""

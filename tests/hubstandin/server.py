@@ -25,8 +25,11 @@ No Xet header (`X-Xet-Hash`, `X-Xet-Refresh-Route`, ...) is ever sent and tree e
 Writes (`create_repo`, `upload_folder`, `create_commit`), as `hf_api.py`, `_commit_api.py` and
 `lfs.py` send them:
 
+- `GET /api/whoami-v2`: the token's user, organisations and role (`read`, `write` or
+  `fineGrained` with its scoped grants), as `add_token` and `grant_write` made them.
 - `POST /api/repos/create`: the repo with the Hub's initial `.gitattributes` commit; 409 if it
-  exists; 403 outside the namespaces the token may write to (its user's, and `grant_write`).
+  exists; 403 outside the namespaces the token may write to (its user's, and `grant_write`;
+  none for a `read` token; a `fineGrained` one's user/org grants).
 - `POST /api/validate-yaml`: the README's front matter must parse.
 - `POST /api/models/{repo}/preupload/{rev}`: `regular` or `lfs` per file, and the oid already there.
 - `POST /{repo}.git/info/lfs/objects/batch`, then `PUT` of each blob to the CDN and `POST
@@ -71,6 +74,7 @@ _GITATTRIBUTES = "".join(f"*{suffix} filter=lfs diff=lfs merge=lfs -text\n"
                          for suffix in LFS_SUFFIXES).encode()
 _EPOCH = datetime(2024, 1, 1, tzinfo=UTC)
 Gated = Literal[False, "auto", "manual"]
+TokenRole = Literal["read", "write", "fineGrained"]
 
 
 # --- what the Hub stores ---------------------------------------------------------------------
@@ -273,6 +277,8 @@ class HubStandIn:
         self._blobs: dict[str, bytes] = {}  # sha256 -> content, what the CDN serves
         self._requests: list[RecordedRequest] = []
         self._writable: dict[str, set[str]] = {}  # token -> namespaces beyond its user's
+        self._roles: dict[str, TokenRole] = {}
+        self._scoped: dict[str, list[tuple[str, str]]] = {}  # fineGrained: repo.write grants
         self._faults: dict[str, list[Response]] = {}  # endpoint name -> answers to give first
         self._servers: dict[str, ThreadingHTTPServer] = {}
         self._connections: set[socket.socket] = set()
@@ -332,10 +338,16 @@ class HubStandIn:
 
     # content
 
-    def add_token(self, token: str, user: str = "standin-user") -> None:
-        """Make `token` valid. A request with any other token gets 401, as on the Hub."""
+    def add_token(self, token: str, user: str = "standin-user", role: TokenRole = "write",
+                  scoped: Iterable[tuple[str, str]] = ()) -> None:
+        """Make `token` valid. A request with any other token gets 401, as on the Hub. `role`
+        as the Hub's tokens have it: `read` writes nowhere; `fineGrained` writes only where
+        `scoped` grants `repo.write`, as (entity type, name) pairs: `("user"|"org",
+        namespace)` or `("model", repo_id)`."""
         with self._lock:
             self._tokens[token] = user
+            self._roles[token] = role
+            self._scoped[token] = list(scoped)
 
     def add_repo(self, repo_id: str, files: Mapping[str, bytes], branch: str = "main", *,
                  private: bool = False, gated: Gated = False, readers: Iterable[str] = (),
@@ -628,7 +640,7 @@ class HubStandIn:
         self._writer(request)
         repo = self._repos.get(repo_id)
         token = request.token
-        allowed = self._may_write(token, repo_id.split("/")[0])
+        allowed = self._may_write(token, repo_id)
         if repo is None or (repo.private and token not in repo.readers and not allowed):
             raise Refused(hub_error(404, "RepoNotFound", "Repository not found"))
         if not allowed:
@@ -644,9 +656,39 @@ class HubStandIn:
             raise Refused(hub_error(401, None, "Invalid credentials in Authorization header"))
         return token
 
-    def _may_write(self, token: str | None, namespace: str) -> bool:
-        return token is not None and token in self._tokens and (
-            namespace == self._tokens[token] or namespace in self._writable.get(token, set()))
+    def _may_write(self, token: str | None, repo_id: str, creating: bool = False) -> bool:
+        """A repo-scoped fine-grained grant changes the repo, but cannot create it."""
+        if token is None or token not in self._tokens:
+            return False
+        namespace = repo_id.split("/")[0]
+        role = self._roles[token]
+        if role == "fineGrained":
+            grants = [("user", namespace), ("org", namespace)]
+            return any(g in self._scoped[token] for g in
+                       (grants if creating else [*grants, ("model", repo_id)]))
+        return role == "write" and (namespace == self._tokens[token]
+                                    or namespace in self._writable.get(token, set()))
+
+    @route("GET", r"/api/whoami-v2")
+    def _whoami(self, request: Incoming) -> Response:
+        """`HfApi.whoami`: the token's user, its organisations (the namespaces `grant_write`
+        gave it) and the token's role, shaped as the Hub answers."""
+        token = self._writer(request)
+        user = self._tokens[token]
+        access: dict[str, Any] = {"displayName": "stand-in", "role": self._roles[token],
+                                  "createdAt": "2026-01-01T00:00:00.000Z"}
+        if self._roles[token] == "fineGrained":
+            access["fineGrained"] = {"canReadGatedRepos": False, "global": [], "scoped": [
+                {"entity": {"_id": hashlib.sha1(name.encode()).hexdigest()[:24],
+                            "type": kind, "name": name},
+                 "permissions": ["repo.content.read", "repo.write"]}
+                for kind, name in self._scoped[token]]}
+        return json_response({
+            "type": "user", "id": hashlib.sha1(user.encode()).hexdigest()[:24], "name": user,
+            "fullname": user, "isPro": False, "canPay": False,
+            "orgs": [{"type": "org", "name": name, "fullname": name, "roleInOrg": "write"}
+                     for name in sorted(self._writable.get(token, set()))],
+            "auth": {"type": "access_token", "accessToken": access}})
 
     @route("GET", r"/api/collections/(?P<slug>[\w.-]+/[\w.-]+-[0-9a-f]{24})")
     def _collection(self, request: Incoming, slug: str) -> Response:
@@ -690,7 +732,7 @@ class HubStandIn:
         namespace = body.get("organization") or self._tokens[token]
         repo_id = f"{namespace}/{body['name']}"
         request.repo_id = repo_id
-        if not self._may_write(token, namespace):
+        if not self._may_write(token, repo_id, creating=True):
             return hub_error(403, None, f"You don't have the rights to create a model under the "
                                         f'namespace "{namespace}"')
         if repo_id in self._repos:  # the Hub's 409 carries the url (`exist_ok` reads it)

@@ -9,19 +9,23 @@ installed, so these tests set `HF_HUB_DISABLE_XET=1`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from merge_service.engine import run_merge
+from merge_service.engine import prepare, run_merge
 from merge_service.errors import HubPushError, PreflightError
+from merge_service.sinks.hub import whoami, write_refusal
 from merge_service.sources.resolve import HubOptions
 from merge_service.spec import spec_from_dict
-from tests.hubstandin import HubStandIn, isolate_hf_environment
+from tests.hubstandin import HubStandIn, hub_error, isolate_hf_environment
+from tests.hubstandin.server import TokenRole
 from tests.service.conftest import (
     Inputs,
     Process,
@@ -146,13 +150,65 @@ def test_hub_destination_problems_are_found_before_any_work(
 
 def test_a_refused_push_leaves_nothing(standin: HubStandIn, hub_env: HubOptions,
                                        minilm_inputs: Inputs, tmp_path: Path) -> None:
-    body = spec_body(minilm_inputs, "hub://someone-else/merged")
+    """The token's rights are checked before the merge, but can be taken away while it runs:
+    the Hub then refuses the commit, and the merge fails with its word, leaving nothing."""
+    repo_id = f"{USER}/revoked-{secrets.token_hex(3)}"
+    standin.fail_next("_commit_files", hub_error(
+        403, None, f"You don't have the rights to write to {repo_id}"))
     with pytest.raises(HubPushError) as raised:
-        run_merge(spec_from_dict(body), hub=hub_env)
-    assert "someone-else/merged" in str(raised.value) and "rights" in str(raised.value)
+        run_merge(spec_from_dict(spec_body(minilm_inputs, f"hub://{repo_id}")), hub=hub_env)
+    assert repo_id in str(raised.value) and "rights" in str(raised.value)
     assert TOKEN not in str(raised.value)
-    assert "someone-else/merged" not in standin._repos
+    assert list(standin.snapshot(repo_id)) == [".gitattributes"]  # created, nothing committed
     assert not any((tmp_path / "staging").iterdir())
+
+
+@pytest.mark.parametrize("role, scoped, grant, refusal", [
+    ("write", [], None, "(user merger) cannot create or change repos under 'someone-else'; "
+                        "it may write under: merger"),
+    ("write", [], "someone-else", None),
+    ("read", [], None, "is read-only"),
+    ("fineGrained", [("user", USER)], None, "grants no repo.write on 'someone-else'"),
+    ("fineGrained", [("org", "someone-else")], None, None),
+    ("fineGrained", [("model", "someone-else/merged")], None, None),
+])
+def test_the_token_may_write_to_the_destination_before_any_work(
+        standin: HubStandIn, hub_env: HubOptions, minilm_inputs: Inputs, role: TokenRole,
+        scoped: list[tuple[str, str]], grant: str | None, refusal: str | None) -> None:
+    """What the Hub's whoami says of the token decides before the merge whether it could push:
+    a read-only token, a namespace of someone else, a fine-grained token without repo.write
+    there. Where it may, preflight passes and nothing was pushed yet."""
+    token = f"hf_{role}_{secrets.token_hex(8)}"
+    standin.add_token(token, USER, role, scoped)
+    if grant:
+        standin.grant_write(token, grant)
+    spec = spec_from_dict(spec_body(minilm_inputs, "hub://someone-else/merged"))
+    hub = dataclasses.replace(hub_env, token=token)
+    if refusal is None:
+        prepare(spec, hub=hub, weights=False).close()
+    else:
+        with pytest.raises(PreflightError) as raised:
+            prepare(spec, hub=hub, weights=False).close()
+        [problem] = raised.value.problems
+        assert problem.field == "output.destination" and refusal in problem.message
+        assert token not in str(raised.value)
+    assert "someone-else/merged" not in standin._repos
+
+
+def test_an_invalid_token_or_an_unreachable_hub(hub_env: HubOptions,
+                                                minilm_inputs: Inputs) -> None:
+    """A token the Hub refuses (401) is a preflight problem; a Hub that cannot be asked is not
+    one (the push will tell, and a Hub outage is no fault of the spec)."""
+    spec = spec_from_dict(spec_body(minilm_inputs, "hub://merger/merged"))
+    with pytest.raises(PreflightError) as raised:
+        prepare(spec, hub=dataclasses.replace(hub_env, token="hf_revoked"), weights=False)
+    assert [p.message for p in raised.value.problems] == [
+        "the Hub refuses the configured token (MERGE_SERVICE_HF_TOKEN): invalid credentials"]
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    assert write_refusal("merger/merged", whoami(HubOptions(endpoint=nowhere,
+                                                            token=TOKEN))) is None
 
 
 # --- through the service ------------------------------------------------------------------------
@@ -185,6 +241,9 @@ def test_service_pulls_from_and_pushes_to_the_hub_and_retries_a_failed_push(
     sha = standin.add_repo(source_repo, {p.name: p.read_bytes() for p in ft.iterdir()
                                          if p.is_file()}, private=True, readers=[TOKEN])
     org = f"team-{secrets.token_hex(3)}"
+    standin.grant_write(TOKEN, org)
+    # the upload fails: the Hub answers the commit with a server error, as in an outage
+    standin.fail_next("_commit_files", hub_error(500, None, "Internal Error"))
     body = spec_body(minilm_inputs, f"hub://{org}/merged")
     body["models"][1]["source"] = f"{source_repo}@main"
 
@@ -197,11 +256,11 @@ def test_service_pulls_from_and_pushes_to_the_hub_and_retries_a_failed_push(
         job = created.json()
         assert job["spec"]["models"][1]["source"] == f"{source_repo}@{sha}"  # pinned
         record = _wait(store, job["id"])
-        assert record.status == "failed"  # the token may not write to the `team-...` org
+        assert record.status == "failed"
         assert record.error.type == "HubPushError"
-        assert f"{org}/merged" in record.error.message and "rights" in record.error.message
+        assert f"{org}/merged" in record.error.message and "500" in record.error.message
+        assert list(standin.snapshot(f"{org}/merged")) == [".gitattributes"]
 
-        standin.grant_write(TOKEN, org)
         retried = http.post(f"/v1/jobs/{job['id']}/retry").json()
         record = _wait(store, retried["id"])
         assert record.status == "succeeded", record.error

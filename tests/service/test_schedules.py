@@ -865,7 +865,14 @@ def test_a_schedule_reads_and_pushes_with_its_own_token_secret(env: Env) -> None
                                                        "customer/minilm-pattern"]},
                          "hub://customer/minilm-merged", paused=True)
 
-    # with the service's token the adapters cannot be seen: nothing is merged
+    # the service's token may not write under `customer`: refused at creation
+    response = env.post("/v1/schedules", json=body)
+    assert response.status_code == 422, response.text
+    [problem] = response.json()["error"]["problems"]
+    assert problem["field"] == "destination"
+    assert "(user merger) cannot create or change repos under 'customer'" in problem["message"]
+    # where it may write, it still cannot see the adapters: nothing is merged
+    hub.grant_write(HF_TOKEN, "customer")
     plain = create(env, body)
     run = env.post(f"/v1/schedules/{plain['id']}/run").json()
     assert run["status"] == "skipped" and run["job_id"] is None, run
