@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic.json_schema import models_json_schema
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 
@@ -23,6 +24,7 @@ from api.dashboard import router as dashboard_router
 from api.docs import router as docs_router
 from api.errors import ApiError, BadRequest, ErrorBody, ErrorResponse, Invalid, Unavailable
 from api.metrics import ApiMetrics, MetricsMiddleware
+from api.models import EVENT_MODELS
 from api.routes import router
 from api.schedules import router as schedules_router
 from api.service import JobService
@@ -94,24 +96,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     if not app.state.api_keys:
         app.add_middleware(LocalOnly)
-        app.openapi = _keys_optional(app)  # type: ignore[method-assign]
+    app.openapi = _document(app, keys_optional=not app.state.api_keys)  # type: ignore[method-assign]
     return app
 
 
-def _keys_optional(app: FastAPI) -> Callable[[], dict[str, Any]]:
-    """Local mode: the document says what the server does, a request needs no key (each
-    operation's security also allows none)."""
+def _document(app: FastAPI, keys_optional: bool) -> Callable[[], dict[str, Any]]:
+    """FastAPI's OpenAPI document, plus the schemas of the event streams' `data` (which no
+    route returns as JSON, so FastAPI leaves them out). In local mode it says what the
+    server does: a request needs no key (each operation's security also allows none)."""
     document = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
             return app.openapi_schema
         doc = document()  # FastAPI's, which keeps it in app.openapi_schema
-        for item in doc["paths"].values():
-            for operation in item.values():
-                security = operation.get("security")
-                if security and {} not in security:
-                    security.append({})
+        _, events = models_json_schema([(model, "serialization") for model in
+                                        EVENT_MODELS.values()],
+                                       ref_template="#/components/schemas/{model}")
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        for name, schema in events["$defs"].items():
+            schemas.setdefault(name, schema)
+        if keys_optional:
+            for item in doc["paths"].values():
+                for operation in item.values():
+                    security = operation.get("security")
+                    if security and {} not in security:
+                        security.append({})
         return doc
 
     return openapi

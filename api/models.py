@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from workers.jobs import JobRecord
+from workers.jobs import JobError, JobProgress, JobRecord, JobResult, JobStatus
 
 
 class JobList(BaseModel):
@@ -46,3 +47,32 @@ class Readiness(BaseModel):
     workers: list[WorkerInfo] = Field(description="each live worker; for a caller with a key of "
                                       "role read or above (or in local mode), else empty")
     problems: list[str] = Field(default_factory=list)
+
+
+_STREAM_JOB_ID = Field(None, description="`GET /v1/events` only: the job the event is about")
+
+
+class JobStateEvent(BaseModel):
+    """The `data` of an `event: state` (the job's state after a change)."""
+
+    model_config = ConfigDict(extra="forbid")
+    job_id: str | None = _STREAM_JOB_ID
+    id: str
+    status: JobStatus
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    worker: str | None = None
+    result: JobResult | None = None
+    error: JobError | None = None
+    reason: str | None = Field(None, description="where the service changed the state itself, "
+                               "why (`worker lost; requeued`)")
+
+
+class JobProgressEvent(JobProgress):
+    """The `data` of an `event: progress`."""
+
+    model_config = ConfigDict(extra="forbid")
+    job_id: str | None = _STREAM_JOB_ID
+
+
+EVENT_MODELS = {"state": JobStateEvent, "progress": JobProgressEvent}

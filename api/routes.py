@@ -21,7 +21,7 @@ from api.errors import (
     error_response,
 )
 from api.metrics import CONTENT_TYPE
-from api.models import Health, JobList, MethodInfo, Readiness
+from api.models import EVENT_MODELS, Health, JobList, MethodInfo, Readiness
 from api.service import JobService
 from api.sse import EVENT_ID, all_events, check_event_id, job_events, latest_event_id
 from merge_service.errors import SpecError
@@ -40,8 +40,12 @@ _409 = error_response(409, "not possible in the job's state")
 _422 = error_response(422, "every problem of the spec")
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # without a schema, a generated client discards the body; not for the event streams, where
-# tools read an OpenAPI 3.1 `schema` as that of each event
+# tools read an OpenAPI 3.1 `schema` as that of each event: their events' `data` schemas are
+# named in `x-events` instead (components added by `api.app`)
 _TEXT = {"schema": {"type": "string"}}
+_SSE = {"text/event-stream": {"x-events": {
+    name: {"$ref": f"#/components/schemas/{model.__name__}"}
+    for name, model in EVENT_MODELS.items()}}}
 
 
 def service(request: Request) -> JobService:
@@ -131,8 +135,9 @@ async def get_job(request: Request, job_id: JobId, principal: Reader) -> JSONTex
 
 @router.get("/v1/jobs/{job_id}/events", tags=["jobs"], response_class=StreamingResponse,
             summary="Server-Sent Events: state changes and progress",
-            responses={**_404, 200: {"content": {"text/event-stream": {}},
-                                     "description": "`event: state|progress`, `data`: JSON"}})
+            responses={**_404, 200: {"content": _SSE, "description": "`event: state` "
+                                     "(`data`: JobStateEvent) or `event: progress` (`data`: "
+                                     "JobProgressEvent)"}})
 def get_job_events(request: Request, job_id: JobId, principal: Reader,
                    last_event_id: LastEventId = None) -> StreamingResponse:
     svc = service(request)
@@ -150,9 +155,9 @@ def get_job_events(request: Request, job_id: JobId, principal: Reader,
             "`Last-Event-ID`) and stays open; a `: keepalive` comment comes every 15 s "
             "without events. Resumed after events that are no longer kept, it first sends "
             "`event: reset` (read the job list again).",
-            responses={200: {"content": {"text/event-stream": {}},
-                             "description": "`event: state|progress`, `data`: JSON with "
-                                            "`job_id`"}})
+            responses={200: {"content": _SSE, "description": "`event: state` (`data`: "
+                             "JobStateEvent) or `event: progress` (`data`: JobProgressEvent), "
+                             "each with `job_id`; `event: reset` (read the job list again)"}})
 async def get_all_events(request: Request, principal: Reader,
                          last_event_id: LastEventId = None
                          ) -> StreamingResponse:

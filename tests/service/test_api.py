@@ -539,7 +539,15 @@ def test_openapi_documents_every_endpoint(client: TestClient) -> None:
         ("GET", "/v1/schedules/{schedule_id}/runs"): "list_schedule_runs"}
     events = doc["paths"]["/v1/events"]["get"]
     assert events["summary"].startswith("Server-Sent Events of every job")
-    assert "text/event-stream" in events["responses"]["200"]["content"]
+    for path in ("/v1/events", "/v1/jobs/{job_id}/events"):  # each event's `data`, by name
+        stream = doc["paths"][path]["get"]["responses"]["200"]["content"]["text/event-stream"]
+        assert {name: ref["$ref"].rsplit("/", 1)[1] for name, ref in
+                stream["x-events"].items()} == {"state": "JobStateEvent",
+                                                "progress": "JobProgressEvent"}
+    assert {"job_id", "status", "reason"} <= set(
+        doc["components"]["schemas"]["JobStateEvent"]["properties"])
+    assert {"job_id", "stage", "done", "total", "current"} == set(
+        doc["components"]["schemas"]["JobProgressEvent"]["properties"])
     validate = doc["paths"]["/v1/jobs:validate"]["post"]
     assert set(validate["requestBody"]["content"]) == {"application/yaml", "application/json"}
     schemas = doc["components"]["schemas"]

@@ -21,6 +21,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from api.models import EVENT_MODELS
 from api.sse import KEEPALIVE_MS
 from tests.service.conftest import (
     Inputs,
@@ -37,11 +38,14 @@ READ_TIMEOUT_S = KEEPALIVE_MS / 1000 + 45  # generous: one keepalive must come w
 
 def sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
     """The blocks of a text/event-stream: events as {id, event, data}, comments as
-    {comment}."""
+    {comment}. Each state and progress event's `data` must match the schema the OpenAPI
+    document gives it (`x-events`: no field missing or undocumented)."""
     block: dict[str, Any] = {}
     for line in lines:
         if line == "":
             if block:
+                if block.get("event") in EVENT_MODELS:
+                    EVENT_MODELS[block["event"]].model_validate(block["data"])
                 yield block
             block = {}
         elif line.startswith(":"):

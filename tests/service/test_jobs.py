@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from api.client import ServiceClient, parse_sse
+from api.models import EVENT_MODELS
 from merge_service.engine import run_merge
 from merge_service.errors import PreflightError
 from merge_service.sinks.local import LocalDirectorySink
@@ -74,6 +75,8 @@ def test_end_to_end_over_http_with_sse(service: Service, minilm_inputs: Inputs,
     assert [p["done"] for p in merging] == sorted(p["done"] for p in merging)
     assert merging[-1]["done"] == merging[-1]["total"]
     assert all(e["id"] for e in events)
+    for event in events:  # as the OpenAPI document describes each event's `data`
+        EVENT_MODELS[event["type"]].model_validate(event["data"])
 
     # resuming after the third event replays exactly the rest
     with service.client("read") as http:
