@@ -75,4 +75,4 @@ class JobProgressEvent(JobProgress):
     job_id: str | None = _STREAM_JOB_ID
 
 
-EVENT_MODELS = {"state": JobStateEvent, "progress": JobProgressEvent}
+EVENT_MODELS: dict[str, type[BaseModel]] = {"state": JobStateEvent, "progress": JobProgressEvent}
