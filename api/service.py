@@ -192,6 +192,10 @@ class JobService:
         self._check_owner(job_id, principal)
         if record.status in TERMINAL:
             raise Conflict(f"job {job_id} has already {record.status}")
+        if record.status == "pushing" and self.store.lock_owner(job_id) is not None:
+            # past the engine's last check: a cancel would be recorded while the commit lands
+            raise Conflict(f"job {job_id} is pushing its output to the Hub as one commit, "
+                           "which cannot be stopped part way; it ends on its own")
         self.store.request_cancel(job_id)
         # no worker holds it (still queued, or its worker died and the requeue would wait
         # for a live one): cancelled now; a worker that gets it later skips it. One that

@@ -471,6 +471,25 @@ def test_cancel_of_a_job_whose_worker_died_ends_it_at_once(
     assert store.cancel_requested(held["id"])
 
 
+def test_a_job_pushing_to_the_hub_is_not_cancelled(
+        client: TestClient, store: JobStore, minilm_inputs: Inputs, tmp_path: Path) -> None:
+    """The upload is one commit, past the engine's last cancel check: a cancel of a job that
+    a worker is pushing is a 409 (it would read `cancelled` while the commit lands). One
+    whose worker died while pushing is cancelled at once, as any orphan."""
+    held = client.post("/v1/jobs", json=spec_body(minilm_inputs, tmp_path / "a")).json()
+    orphan = client.post("/v1/jobs", json=spec_body(minilm_inputs, tmp_path / "b")).json()
+    for job in (held, orphan):
+        assert store.transition(job["id"], "pushing", {"queued"}) is not None
+    assert store.acquire_lock(held["id"], "w1:123", ttl_s=60)
+    answer = client.post(f"/v1/jobs/{held['id']}/cancel")
+    assert answer.status_code == 409
+    assert "pushing its output to the Hub" in error(answer)["message"]
+    assert not store.cancel_requested(held["id"])
+    assert client.get(f"/v1/jobs/{held['id']}").json()["status"] == "pushing"
+    answer = client.post(f"/v1/jobs/{orphan['id']}/cancel")
+    assert answer.status_code == 202 and answer.json()["status"] == "cancelled"
+
+
 def test_queue_routing(client: TestClient, store: JobStore, minilm_inputs: Inputs,
                        tmp_path: Path) -> None:
     def queue_of(device: str, n: int) -> str:
