@@ -139,10 +139,12 @@ def test_lora_factors_of_the_core_merge_and_target_rank_truncation() -> None:
     torch.testing.assert_close(b2 @ a2, best, rtol=0, atol=1e-10)  # the best rank-3 fit
 
 
-@pytest.mark.parametrize("target_rank", [4, 5, 11])
+@pytest.mark.parametrize("target_rank", [4, 5, 11, 12, 20])
 def test_target_rank_between_the_core_sides_truncates_exactly(target_rank: int) -> None:
     """A narrow module (m = 4) under two rank-6 adapters: M̄ is 4 × 12, so any target rank
-    from 4 up to 11 gives an exact adapter of rank 4, not one of rank 12."""
+    from 4 up (also at or above q = 12) gives an exact adapter of rank 4, not one of rank 12:
+    `B' = U_B P S`, `A' = Qᵀ V_Aᵀ` over the 4 singular triplets of `M̄` (METHODS.md
+    section 10)."""
     factors = random_factors(8, 4, 30, [6, 6])
     space = core_space(factors)
     merged = run_rule("task_arithmetic", space.cores, alpha=1.0)
@@ -150,8 +152,8 @@ def test_target_rank_between_the_core_sides_truncates_exactly(target_rank: int) 
     a, b = space.to_lora(merged, target_rank=target_rank)
     assert a.shape == (4, 30) and b.shape == (4, 4)
     torch.testing.assert_close(b @ a, delta(factors[0]) + delta(factors[1]), rtol=0, atol=1e-10)
-    a12, _ = space.to_lora(merged, target_rank=12)
-    assert a12.shape == (12, 30)  # at q or above: the adapter as it is
+    a_plain, _ = space.to_lora(merged)
+    assert a_plain.shape == (12, 30)  # without target_rank: r' = columns of V_A
 
 
 # ---------------------------------------------------------------------------------------------
