@@ -78,6 +78,30 @@ def test_knots_blocks_reconstruct_every_task_delta(seed, ranks) -> None:
     assert space.u.shape == (m, rank)
 
 
+@pytest.mark.parametrize("which", ["core", "knots"])
+@pytest.mark.parametrize("zero", ["A", "B"])
+@pytest.mark.parametrize(("m", "n"), [(40, 6), (12, 9), (20, 30), (64, 48)])
+def test_a_task_with_a_zero_update_has_an_exactly_zero_small_matrix(which, zero, m, n) -> None:
+    """`M_t = U_Bᵀ B_t A_t V_A` (and KnOTS' `R_t`, task t's part of `diag(σ) Vᵀ`) is 0 when
+    `B_t A_t = 0`, as for a weight of 0 folded into `B_t`: exactly, not rounding noise, which
+    the rules that trim, count or elect non-zero entries or take singular vectors would treat
+    as a task (ties with noise for the zero task differed from ties without it by 10-60%)."""
+    factors = random_factors(11, m, n, [3, 2, 4])
+    a, b = factors[1]
+    factors[1] = (torch.zeros_like(a), b) if zero == "A" else (a, torch.zeros_like(b))
+    space = core_space(factors) if which == "core" else knots_space(factors, n)
+    small = space.cores if which == "core" else space.blocks
+    assert torch.equal(small[1], torch.zeros_like(small[1]))
+    for f, x in zip(factors, small, strict=True):  # the others still reconstruct their ΔW_t
+        torch.testing.assert_close(space.to_full(x), delta(f), rtol=0, atol=1e-10)
+    exact = [x.clone() for x in small]
+    exact[1].zero_()
+    for name, params in [("ties", {"density": 0.5}), ("tsv", {}), ("drm", {"drop_rate": 0.5})]:
+        torch.testing.assert_close(space.to_full(run_rule(name, small, **params)),
+                                   space.to_full(run_rule(name, exact, **params)),
+                                   rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", LINEAR)
 @pytest.mark.parametrize("which", ["core", "knots"])
 def test_linear_methods_in_core_and_knots_equal_full_space(name: str, which: str) -> None:
@@ -115,10 +139,12 @@ def test_lora_factors_of_the_core_merge_and_target_rank_truncation() -> None:
     torch.testing.assert_close(b2 @ a2, best, rtol=0, atol=1e-10)  # the best rank-3 fit
 
 
-@pytest.mark.parametrize("target_rank", [4, 5, 11])
+@pytest.mark.parametrize("target_rank", [4, 5, 11, 12, 20])
 def test_target_rank_between_the_core_sides_truncates_exactly(target_rank: int) -> None:
     """A narrow module (m = 4) under two rank-6 adapters: M̄ is 4 × 12, so any target rank
-    from 4 up to 11 gives an exact adapter of rank 4, not one of rank 12."""
+    from 4 up (also at or above q = 12) gives an exact adapter of rank 4, not one of rank 12:
+    `B' = U_B P S`, `A' = Qᵀ V_Aᵀ` over the 4 singular triplets of `M̄` (METHODS.md
+    section 10)."""
     factors = random_factors(8, 4, 30, [6, 6])
     space = core_space(factors)
     merged = run_rule("task_arithmetic", space.cores, alpha=1.0)
@@ -126,8 +152,8 @@ def test_target_rank_between_the_core_sides_truncates_exactly(target_rank: int) 
     a, b = space.to_lora(merged, target_rank=target_rank)
     assert a.shape == (4, 30) and b.shape == (4, 4)
     torch.testing.assert_close(b @ a, delta(factors[0]) + delta(factors[1]), rtol=0, atol=1e-10)
-    a12, _ = space.to_lora(merged, target_rank=12)
-    assert a12.shape == (12, 30)  # at q or above: the adapter as it is
+    a_plain, _ = space.to_lora(merged)
+    assert a_plain.shape == (12, 30)  # without target_rank: r' = columns of V_A
 
 
 # ---------------------------------------------------------------------------------------------
