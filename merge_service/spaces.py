@@ -37,8 +37,8 @@ class CoreSpace:
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """`(A', B')` with `ΔW = B' A'`: `B' = U_B M̄`, `A' = V_Aᵀ`; with `target_rank`, the
         top singular triplets of `M̄ = P S Qᵀ`: `B' = U_B P S`, `A' = Qᵀ V_Aᵀ`, of rank
-        `min(target_rank, p, q)` (a `target_rank` of at least p truncates, to p: exactly, also
-        at or above q; at or above q when q ≤ p, the untruncated pair is already of rank q)."""
+        `min(target_rank, p, q)`. Where that is q, the untruncated pair already has rank q and
+        is returned as it is; a `target_rank` of at least p loses nothing (M̄ has rank ≤ p)."""
         rows, cols = merged_core.shape
         if target_rank is None or cols <= min(target_rank, rows):
             return self.v_a.mT.contiguous(), self.u_b @ merged_core
