@@ -185,8 +185,8 @@ def spec_from_dict(data: Any) -> JobSpec:
     problems = [problem_from_pydantic(err) for err in errors]
     # a field can be left out where it is a key of a mapping; a broken list item cannot
     # (the items after it would change places)
-    broken = sorted({tuple(err["loc"]) for err in errors
-                     if err["loc"] and isinstance(err["loc"][-1], str)})
+    broken = sorted({loc for loc in (value_location(err, data) for err in errors) if loc},
+                    key=lambda loc: tuple(map(str, loc)))
     replaced = [".".join(map(str, loc)) for loc in broken]
     partial = None
     if broken:
@@ -196,6 +196,24 @@ def spec_from_dict(data: Any) -> JobSpec:
             problems += [p for p in map(problem_from_pydantic, rest.errors())
                          if p not in problems and not within(p.field, replaced)]
     raise SpecError(problems, partial, replaced)
+
+
+def value_location(err: Any, data: Any) -> tuple[Any, ...] | None:
+    """Where in `data` the value of a pydantic error is, when it is a field (a string key of a
+    mapping, which can be left out): its `loc` less what pydantic adds after the value's own
+    place (the union member tried: `shard_size.str`). A missing field's is its own `loc`."""
+    loc = tuple(err["loc"])
+    if err["type"] == "missing":
+        return loc if loc and isinstance(loc[-1], str) else None
+    node, parent, depth = data, None, 0
+    for part in loc:
+        in_list = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        if not (in_list or (isinstance(node, dict) and part in node)):
+            break
+        node, parent = node[part], node
+        depth += 1
+    place = loc[:depth]
+    return place if isinstance(parent, dict) and isinstance(place[-1], str) else None
 
 
 def _without_fields(data: Any, locations: list[tuple[Any, ...]]) -> Any:

@@ -173,6 +173,19 @@ def test_invalid_values_take_their_defaults_in_the_partial_spec() -> None:
     assert len(merged.problems) == len(error.problems) + 1
 
 
+def test_a_value_of_no_member_of_a_union_is_left_out() -> None:
+    """pydantic places the error of a `str | int` value at each member it tried
+    (`output.shard_size.str`, `.int`): the value itself is left out, as any invalid one."""
+    data = json.loads(json.dumps(FULL))
+    data["output"]["shard_size"] = 1.5
+    with pytest.raises(SpecError) as info:
+        spec_from_dict(data)
+    assert info.value.replaced == ["output.shard_size"]
+    defaults = json.loads(json.dumps(FULL))
+    del defaults["output"]["shard_size"]
+    assert info.value.partial == spec_from_dict(defaults)
+
+
 def test_a_broken_list_item_is_not_left_out() -> None:
     """Leaving out a list item would move the items after it: no partial spec."""
     data = json.loads(json.dumps(FULL))
