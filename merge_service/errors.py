@@ -6,7 +6,8 @@ derived from `MergeServiceError` is a runtime failure (exit code 2).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import dataclasses
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -21,13 +22,17 @@ class Problem:
     model: str | None = None  # the source (or "base", "output", "method") the problem is about
     tensor: str | None = None
     field: str | None = None  # dotted path into the spec, e.g. "method.params.density"
+    # other spec fields the problem is about (not shown): where one of them is left out of a
+    # partial spec, the problem is about its default
+    also: tuple[str, ...] = dataclasses.field(default=(), compare=False, repr=False)
 
     def __str__(self) -> str:
         where = [part for part in (self.field, self.model, self.tensor) if part]
         return f"{' / '.join(where)}: {self.message}" if where else self.message
 
     def to_dict(self) -> dict[str, str | None]:
-        return asdict(self)
+        return {"message": self.message, "model": self.model, "tensor": self.tensor,
+                "field": self.field}
 
 
 def capped(problems: list[Problem], label: str, limit: int = 20) -> list[Problem]:
@@ -83,8 +88,8 @@ class SpecError(InvalidInputError):
     def with_problems_of_partial(self, preflight_problems: list[Problem]) -> SpecError:
         """This error with what preflight found in `partial` added: duplicates and problems
         of the fields left out of it are not."""
-        extra = [p for p in preflight_problems
-                 if p not in self.problems and not within(p.field, self.replaced)]
+        extra = [p for p in preflight_problems if p not in self.problems and not any(
+            within(f, self.replaced) for f in (p.field, *p.also))]
         return SpecError(self.problems + extra) if extra else self
 
 

@@ -76,7 +76,7 @@ def space_problems(spec: JobSpec, method: MergeMethod | None, space: str, is_lor
         if spec.output.format != "lora":
             problems.append(Problem("target_rank truncates the 'lora' output; the output "
                                     f"format is {spec.output.format!r}",
-                                    field="method.params.target_rank"))
+                                    field="method.params.target_rank", also=("output.format",)))
         else:
             problems += target_rank_problems(target_rank)
     return problems
@@ -162,8 +162,13 @@ def weight_problems(spec: JobSpec, method: MergeMethod | None) -> list[Problem]:
                 for i, m in enumerate(spec.models) if m.weight != 1.0]
     if method.name in {"average", "cart"} and sum(m.weight for m in spec.models) == 0:
         return [Problem(f"{method.name} divides by the sum of the weights, which is 0",
-                        field="models")]
+                        field="models", also=weight_fields(spec))]
     return []
+
+
+def weight_fields(spec: JobSpec) -> tuple[str, ...]:
+    """The fields of the weights, which a problem of their sum is about."""
+    return tuple(f"models.{i}.weight" for i in range(len(spec.models)))
 
 
 def output_problems(spec: JobSpec, method: MergeMethod | None, is_lora: bool) -> list[Problem]:

@@ -356,6 +356,31 @@ def test_validate_lists_every_problem_at_once(synthetic: Synthetic, tmp_path: Pa
     assert out == ""
 
 
+def test_what_preflight_says_of_a_default_standing_in_is_not_reported(
+        synthetic: Synthetic, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A problem preflight reports at one field but owes to the default of another that was
+    invalid is not the user's: target_rank against format 'full' where the format was
+    mistyped, a sum of the weights of 0 where a weight was not a number."""
+    spec = job(synthetic.base, synthetic.tasks, tmp_path / "out", method="average",
+               params={"target_rank": 4})
+    spec["output"]["format"] = "loar"
+    code, _, err = run(capsys, "validate", write_spec(tmp_path, **spec))
+    assert code == 1 and err.startswith("error: output.format: Input should be"), err
+    assert "target_rank" not in err
+    spec = job(synthetic.base, [{"source": str(synthetic.tasks[0]), "weight": "heavy"},
+                                {"source": str(synthetic.tasks[1]), "weight": -1}],
+               tmp_path / "out", method="average")
+    code, _, err = run(capsys, "validate", write_spec(tmp_path, **spec))
+    assert code == 1 and err.startswith("error: models.0.weight: Input should be"), err
+    assert "sum of the weights" not in err
+    # a value of no member of a union (shard_size: str | int) hides nothing either
+    spec = job(synthetic.base, synthetic.tasks, tmp_path / "out", method="average",
+               options={"exclude": ["nothing_named"]})
+    spec["output"]["shard_size"] = 1.5
+    code, _, err = run(capsys, "validate", write_spec(tmp_path, **spec))
+    assert code == 1 and "options.exclude: regex 'nothing_named' matches no tensor" in err, err
+
+
 def test_a_typo_in_the_spec_does_not_hide_the_other_problems(
         synthetic: Synthetic, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec = job(synthetic.base, [synthetic.tasks[0], tmp_path / "absent"], tmp_path / "out",

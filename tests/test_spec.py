@@ -186,6 +186,22 @@ def test_a_value_of_no_member_of_a_union_is_left_out() -> None:
     assert info.value.partial == spec_from_dict(defaults)
 
 
+def test_a_problem_about_a_field_left_out_is_dropped_where_it_is_reported() -> None:
+    """A preflight problem reported at one field but about another (`also`) that was left
+    out is about that field's default: dropped too. `also` is no part of what is shown."""
+    data = json.loads(json.dumps(FULL))
+    data["output"]["format"] = "loar"
+    with pytest.raises(SpecError) as info:
+        spec_from_dict(data)
+    about_format = Problem("target_rank truncates the 'lora' output; the output format is "
+                           "'full'", field="method.params.target_rank", also=("output.format",))
+    kept = Problem("regex matches nothing", field="options.include", also=("models.0.weight",))
+    merged = info.value.with_problems_of_partial([about_format, kept])
+    assert merged.problems == [*info.value.problems, kept]
+    assert kept.to_dict() == {"message": "regex matches nothing", "model": None, "tensor": None,
+                              "field": "options.include"}
+
+
 def test_a_broken_list_item_is_not_left_out() -> None:
     """Leaving out a list item would move the items after it: no partial spec."""
     data = json.loads(json.dumps(FULL))

@@ -25,7 +25,8 @@ def adarank_problems(method: AdaRank, spec: JobSpec, base_path: Path | None,
     problems += calibration
     if method.params.base == "cart" and sum(m.weight for m in spec.models) == 0:
         problems.append(Problem("adarank with base cart divides by the sum of the weights, "
-                                "which is 0", field="models"))
+                                "which is 0", field="models",
+                                also=tuple(f"models.{i}.weight" for i in range(len(spec.models)))))
     if base_path is None or base_tensors is None or len(inputs) != len(spec.models):
         return problems  # the sources' own problems are reported by the engine
     family, config, family_problems = detect_family(base_path, inputs, base_tensors)
