@@ -9,6 +9,7 @@ from merge_service.adarank.calibration import calibration_problems
 from merge_service.adarank.models import detect_family, model_keys, parameter_mapping
 from merge_service.errors import Problem
 from merge_service.inputs import TaskInput
+from merge_service.preflight import weight_fields
 from merge_service.spec import JobSpec
 
 if TYPE_CHECKING:
@@ -25,8 +26,7 @@ def adarank_problems(method: AdaRank, spec: JobSpec, base_path: Path | None,
     problems += calibration
     if method.params.base == "cart" and sum(m.weight for m in spec.models) == 0:
         problems.append(Problem("adarank with base cart divides by the sum of the weights, "
-                                "which is 0", field="models",
-                                also=tuple(f"models.{i}.weight" for i in range(len(spec.models)))))
+                                "which is 0", field="models", also=weight_fields(spec)))
     if base_path is None or base_tensors is None or len(inputs) != len(spec.models):
         return problems  # the sources' own problems are reported by the engine
     family, config, family_problems = detect_family(base_path, inputs, base_tensors)
