@@ -520,7 +520,8 @@ def _merge_lora_module(p: PreparedMerge, name: str, out: _Outputs) -> dict[str, 
     weights = [t.weight for t in p.inputs] if coefficients else [1.0] * len(small)
     task = TensorTask(name=name, task_vectors=small, weights=weights,
                       task_names=[t.name for t in p.inputs], seed=p.spec.options.seed,
-                      is_2d=True)
+                      is_2d=True, factors=space.factors if isinstance(space, CoreSpace)
+                      else None)
     result = p.method.merge(task)
     merged = result.delta
     if merged is None:

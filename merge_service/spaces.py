@@ -12,7 +12,7 @@ adapter does not adapt this module (a zero task: it still counts in T).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,11 +23,14 @@ Factors = tuple[torch.Tensor, torch.Tensor]  # (A: r × n, B: m × r)
 
 @dataclass
 class CoreSpace:
-    """`ΔW_t = U_B M_t V_Aᵀ`: orthonormal `U_B` (m × p), `V_A` (n × q), cores `M_t` (p × q)."""
+    """`ΔW_t = U_B M_t V_Aᵀ`: orthonormal `U_B` (m × p), `V_A` (n × q), cores `M_t` (p × q);
+    `factors[t] = (U_Bᵀ B_t, A_t V_A)`, whose product is `M_t` (None for a task without the
+    module), for the rules that decompose each core (`TensorTask.factors`)."""
 
     u_b: torch.Tensor
     v_a: torch.Tensor
     cores: list[torch.Tensor]
+    factors: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
 
     def to_full(self, merged_core: torch.Tensor) -> torch.Tensor:
         """`ΔW = U_B M̄ V_Aᵀ` (m × n)."""
@@ -65,9 +68,10 @@ def core_space(factors: Sequence[Factors | None]) -> CoreSpace:
     present = [f for f in factors if f is not None]
     _, _, v_a = svd(torch.cat([a for a, _ in present], dim=0))  # Σr × n; V_A: n × q
     u_b, _, _ = svd(torch.cat([b for _, b in present], dim=1))  # m × Σr; U_B: m × p
-    cores = [u_b.new_zeros(u_b.shape[1], v_a.shape[1]) if f is None
-             else (u_b.mT @ f[1]) @ (f[0] @ v_a) for f in factors]
-    return CoreSpace(u_b, v_a, cores)
+    projected = [None if f is None else (u_b.mT @ f[1], f[0] @ v_a) for f in factors]
+    cores = [u_b.new_zeros(u_b.shape[1], v_a.shape[1]) if pq is None else pq[0] @ pq[1]
+             for pq in projected]
+    return CoreSpace(u_b, v_a, cores, projected)
 
 
 @dataclass

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from merge_service.methods.linalg import svd, svd_of_product
+
 if TYPE_CHECKING:
     from merge_service.engine import CancelCheck, PreparedMerge, ProgressCallback
     from merge_service.errors import Problem
@@ -63,6 +65,9 @@ class TensorTask:
     seed: int = 0  # options.seed; methods with randomness derive their generators from it
     is_2d: bool = False  # the tensor is 2-D (whether it counts as a matrix is the method's call)
     diagnostics: dict[str, Any] = field(default_factory=dict)  # written to merge_report.json
+    # LoRA cores: τ_t = P_t Q_t with P_t (m × r_t), Q_t (r_t × n), None where a task has none;
+    # `weighted_svd` then decomposes r_t × r_t matrices instead of m × n ones
+    factors: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
 
     @property
     def num_tasks(self) -> int:
@@ -72,6 +77,16 @@ class TensorTask:
         """`X_t = w_t τ_t` (a weight of exactly 1 returns the tensor itself, no copy)."""
         return [tv if w == 1.0 else tv * w for tv, w in zip(self.task_vectors, self.weights,
                                                              strict=True)]
+
+    def weighted_svd(self, t: int, x: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The thin SVD of `X_t = x` (`weighted()[t]`), σ descending: from its factors where
+        they are thinner than X (the singular values beyond r_t are zero), else of `x`."""
+        pair = self.factors[t] if self.factors is not None else None
+        if pair is None or pair[0].shape[1] >= min(x.shape):
+            return svd(x)
+        left, right = pair
+        return svd_of_product(left * self.weights[t], right)
 
 
 @dataclass

@@ -24,6 +24,18 @@ def svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return u, s, vh.mT
 
 
+def svd_of_product(left: torch.Tensor, right: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD of `left @ right` (m × r times r × n, r small) without decomposing the
+    m × n product: with `left = Q_1 R_1` and `rightᵀ = Q_2 R_2` (thin QRs), `left @ right =
+    Q_1 (R_1 R_2ᵀ) Q_2ᵀ`, so `U = Q_1 U_s`, `V = Q_2 V_s` from the SVD of the r × r
+    `R_1 R_2ᵀ`. Returns r triplets (the product has no other non-zero singular values)."""
+    q1, r1 = torch.linalg.qr(left)
+    q2, r2 = torch.linalg.qr(right.mT)
+    u, s, v = svd(r1 @ r2.mT)
+    return q1 @ u, s, q2 @ v
+
+
 def numerical_rank(sigma: torch.Tensor, rtol: float = RANK_RTOL) -> int:
     """Number of singular values above `rtol · σ_1` (σ sorted descending)."""
     if sigma.numel() == 0:

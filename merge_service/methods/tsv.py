@@ -7,9 +7,11 @@ from pydantic import Field
 
 from merge_service.methods import register
 from merge_service.methods.base import MergeMethod, SvdParams, TensorResult, TensorTask
-from merge_service.methods.linalg import numerical_rank, polar, svd, weighted_sum_
+from merge_service.methods.linalg import numerical_rank, polar, weighted_sum_
 
-SPECTRUM_LENGTH = 64  # leading singular values of each task per matrix, kept for the report
+# leading singular values of each task per matrix, kept for the report (fewer for a LoRA core
+# decomposed from its factors: its other singular values are zero)
+SPECTRUM_LENGTH = 64
 
 
 class TsvParams(SvdParams):
@@ -49,12 +51,12 @@ class Tsv(MergeMethod[TsvParams]):
         vs: list[torch.Tensor] = []
         kept: list[int] = []
         spectra: list[list[float]] = []
-        for x in xs:
+        for t, x in enumerate(xs):
             if per_task == 0:
                 kept.append(0)
                 spectra.append([])
                 continue
-            u, s, v = svd(x)
+            u, s, v = task.weighted_svd(t, x)
             spectra.append([float(f"{value:.6g}") for value in s[:SPECTRUM_LENGTH].tolist()])
             k = min(per_task, numerical_rank(s))  # never inject null-space directions
             us.append(u[:, :k])

@@ -42,3 +42,24 @@ def test_magnitude_trim_breaks_ties_by_lower_index() -> None:
 def test_fraction_floor_is_exact_on_the_written_decimal(fraction: float, n: int,
                                                         expected: int) -> None:
     assert fraction_floor(fraction, n) == expected
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31), m=st.integers(2, 40), n=st.integers(2, 40),
+       r=st.integers(1, 8))
+def test_svd_of_a_product_from_its_factors(seed: int, m: int, n: int, r: int) -> None:
+    """`svd_of_product(L, R)` is a thin SVD of `L @ R`: orthonormal U and V, σ descending and
+    equal to the product's own leading singular values, `U diag(σ) Vᵀ = L R`."""
+    from merge_service.methods.linalg import svd_of_product
+
+    gen = generator(seed)
+    left, right = randn(gen, m, r), randn(gen, r, n)
+    u, s, v = svd_of_product(left, right)
+    k = min(m, n, r)
+    assert u.shape == (m, k) and s.shape == (k,) and v.shape == (n, k)
+    torch.testing.assert_close((u * s) @ v.mT, left @ right, rtol=0, atol=1e-10)
+    torch.testing.assert_close(u.mT @ u, torch.eye(k, dtype=u.dtype), rtol=0, atol=1e-12)
+    torch.testing.assert_close(v.mT @ v, torch.eye(k, dtype=v.dtype), rtol=0, atol=1e-12)
+    full = torch.linalg.svdvals(left @ right)
+    torch.testing.assert_close(s, full[:k], rtol=0, atol=1e-10 * float(full[0]))
+    assert bool((s[:-1] >= s[1:]).all())

@@ -128,3 +128,23 @@ def test_invariant_under_reordering_the_models(seed: int, num_tasks: int,
     a = merge("tsv", make_task(taus, weights))
     b = merge("tsv", make_task([taus[i] for i in order], [weights[i] for i in order]))
     torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], [0.5, 2.0, -1.0]])
+def test_low_rank_factors_give_the_same_merge(weights: list[float]) -> None:
+    """LoRA cores come with their factors (`TensorTask.factors`): each task's SVD is then
+    taken from them (r_t × r_t work), and the merge is the one of the plain matrices."""
+    gen = generator(9)
+    pairs = [(randn(gen, 24, r), randn(gen, r, 30)) for r in (3, 5, 2)]
+    taus = [left @ right for left, right in pairs]
+    plain = make_task([t.clone() for t in taus], weights)
+    factored = make_task([t.clone() for t in taus], weights)
+    factored.factors = [*pairs[:2], None]  # a task may come without factors
+    expected, got = merge("tsv", plain), merge("tsv", factored)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+    assert factored.diagnostics["kept_rank"] == plain.diagnostics["kept_rank"]
+    # decomposed from the factors: r_t singular values (the rest are zero), not min(m, n)
+    assert [len(s) for s in factored.diagnostics["singular_values"]] == [3, 5, 24]
+    torch.testing.assert_close(torch.tensor(factored.diagnostics["interference"]),
+                               torch.tensor(plain.diagnostics["interference"]),
+                               rtol=1e-9, atol=1e-12)
