@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from workers.jobs import JobError, JobProgress, JobRecord, JobResult, JobStatus
+from workers.jobs import JobProgress, JobRecord, JobState
 
 
 class JobList(BaseModel):
@@ -52,20 +51,10 @@ class Readiness(BaseModel):
 _STREAM_JOB_ID = Field(None, description="`GET /v1/events` only: the job the event is about")
 
 
-class JobStateEvent(BaseModel):
+class JobStateEvent(JobState):
     """The `data` of an `event: state` (the job's state after a change)."""
 
-    model_config = ConfigDict(extra="forbid")
     job_id: str | None = _STREAM_JOB_ID
-    id: str
-    status: JobStatus
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    worker: str | None = None
-    result: JobResult | None = None
-    error: JobError | None = None
-    reason: str | None = Field(None, description="where the service changed the state itself, "
-                               "why (`worker lost; requeued`)")
 
 
 class JobProgressEvent(JobProgress):

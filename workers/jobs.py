@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 import redis
 import redis.asyncio as aioredis
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from merge_service.spec import JobSpec
 
@@ -98,6 +98,25 @@ class JobRecord(BaseModel):
     result: JobResult | None = None
     error: JobError | None = None
     schedule_id: str | None = None
+
+
+class JobState(BaseModel):
+    """What a state event carries (its `data`): the record without its name, spec, progress
+    and creation time, and why the service changed the state where it did so itself."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    status: JobStatus
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    worker: str | None = None
+    result: JobResult | None = None
+    error: JobError | None = None
+    reason: str | None = Field(None, description="where the service changed the state itself, "
+                               "why (`worker lost; requeued`)")
+
+
+_STATE_FIELDS = tuple(name for name in JobState.model_fields if name != "reason")
 
 
 class JobEvent(BaseModel):
@@ -621,9 +640,8 @@ def decode_event(event_id: str, fields: dict[str, str]) -> JobEvent:
 
 
 def _state_data(record: dict[str, Any]) -> dict[str, Any]:
-    """What a state event carries: the record without its spec and progress."""
-    return {k: record.get(k) for k in ("id", "status", "started_at", "finished_at", "worker",
-                                       "result", "error")}
+    """What a state event carries (`JobState`) of a record."""
+    return {k: record.get(k) for k in _STATE_FIELDS}
 
 
 def _record_json(values: list[str | None]) -> str:

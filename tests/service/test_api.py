@@ -452,16 +452,24 @@ def test_cancel_a_queued_job_then_retry_it(client: TestClient, store: JobStore,
     assert [e["status"] for e in events] == ["queued", "cancelled"]
 
 
+def held_and_orphan(client: TestClient, store: JobStore, inputs: Inputs, tmp_path: Path,
+                    status: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Two jobs in `status`: the first one's lock held by a worker, the other's by none (its
+    worker died)."""
+    jobs = [client.post("/v1/jobs", json=spec_body(inputs, tmp_path / name)).json()
+            for name in ("a", "b")]
+    for job in jobs:
+        assert store.transition(job["id"], status, {"queued"}) is not None
+    assert store.acquire_lock(jobs[0]["id"], "w1:123", ttl_s=60)
+    return jobs[0], jobs[1]
+
+
 def test_cancel_of_a_job_whose_worker_died_ends_it_at_once(
         client: TestClient, store: JobStore, minilm_inputs: Inputs, tmp_path: Path) -> None:
     """Running, and no worker holds its lock (the worker died): nothing would act on the
     cancel until a worker came back, so it is cancelled now. With the lock held, the worker
     is asked and the job stays running until it stops."""
-    held = client.post("/v1/jobs", json=spec_body(minilm_inputs, tmp_path / "a")).json()
-    orphan = client.post("/v1/jobs", json=spec_body(minilm_inputs, tmp_path / "b")).json()
-    for job in (held, orphan):
-        assert store.transition(job["id"], "running", {"queued"}) is not None
-    assert store.acquire_lock(held["id"], "w1:123", ttl_s=60)
+    held, orphan = held_and_orphan(client, store, minilm_inputs, tmp_path, "running")
     answer = client.post(f"/v1/jobs/{orphan['id']}/cancel")
     assert answer.status_code == 202
     assert answer.json()["status"] == "cancelled" and answer.json()["finished_at"]
@@ -476,11 +484,7 @@ def test_a_job_pushing_to_the_hub_is_not_cancelled(
     """The upload is one commit, past the engine's last cancel check: a cancel of a job that
     a worker is pushing is a 409 (it would read `cancelled` while the commit lands). One
     whose worker died while pushing is cancelled at once, as any orphan."""
-    held = client.post("/v1/jobs", json=spec_body(minilm_inputs, tmp_path / "a")).json()
-    orphan = client.post("/v1/jobs", json=spec_body(minilm_inputs, tmp_path / "b")).json()
-    for job in (held, orphan):
-        assert store.transition(job["id"], "pushing", {"queued"}) is not None
-    assert store.acquire_lock(held["id"], "w1:123", ttl_s=60)
+    held, orphan = held_and_orphan(client, store, minilm_inputs, tmp_path, "pushing")
     answer = client.post(f"/v1/jobs/{held['id']}/cancel")
     assert answer.status_code == 409
     assert "pushing its output to the Hub" in error(answer)["message"]
